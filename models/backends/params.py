@@ -1,0 +1,27 @@
+"""Functional views of timm's ConvNeXt V2 modules, so every backend reads the same parameters.
+
+atto..nano use 1x1 convs (weights (out, in, 1, 1)) where tiny..huge use Linear ((out, in)); `flatten(1)`
+gives the (out, in) matrix for both.
+"""
+import torch.nn.functional as F
+
+
+def linear(x, layer):
+    return F.linear(x, layer.weight.flatten(1), layer.bias)
+
+
+def layer_norm(x, norm):
+    """Per-site LayerNorm over the last (channel) dim, for timm's LayerNorm and LayerNorm2d alike."""
+    return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+
+
+def stem_as_linear(stem_conv):
+    """The 4x4 stride-4 stem conv is a per-site linear map of the (c, kh, kw)-flattened pixel patch."""
+    return stem_conv.weight.flatten(1), stem_conv.bias
+
+
+def downsample_as_linear(conv):
+    """The 2x2 stride-2 conv as a linear map of the four window sites concatenated in (kh, kw) order:
+    weight (Cout, Cin, 2, 2) -> (Cout, 4 * Cin) with input index (kh * 2 + kw) * Cin + cin."""
+    w = conv.weight
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), conv.bias

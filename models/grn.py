@@ -1,0 +1,40 @@
+"""Global Response Normalisation on visible sites only (reference notes, 'GRN').
+
+    G = ||x||_2 over sites (per channel)   N = G / (mean_c(G) + 1e-6)   out = gamma * (x * N) + beta + x
+
+`stats='sample'` pools G over each image's visible sites (what dense fine-tuning sees, and how the released
+weights were trained); `stats='batch'` pools over every visible site of the whole (per-device) batch, as the
+reference's sparse PyTorch code does.
+"""
+import torch
+
+GRN_EPS = 1e-6
+GRN_STATS = ("sample", "batch")
+
+
+def check_grn_stats(stats: str) -> str:
+    if stats not in GRN_STATS:
+        raise ValueError(f"grn_stats must be one of {GRN_STATS}, got '{stats}'")
+    return stats
+
+
+def grn_apply(x: torch.Tensor, gx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x: (..., C) channels-last; gx: the L2 norms, broadcastable to x."""
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)
+    return x + torch.addcmul(bias, weight, x * nx)
+
+
+def gathered_norms(x: torch.Tensor, site_sample: torch.Tensor, batch: int, stats: str) -> torch.Tensor:
+    """L2 norms for gathered sites x: (V, C). Returns (V, C) for 'sample' (each site gets its image's norm)
+    or (1, C) for 'batch'."""
+    if stats == "batch":
+        return torch.linalg.vector_norm(x, dim=0, keepdim=True)
+    sq = x.new_zeros(batch, x.shape[1]).index_add_(0, site_sample, x * x)
+    # clamp: an image whose channel is all zero gets norm 0 with a zero (not NaN) gradient, like torch.norm
+    return sq.clamp_min(torch.finfo(x.dtype).tiny).sqrt().index_select(0, site_sample)
+
+
+def dense_norms(x: torch.Tensor, stats: str) -> torch.Tensor:
+    """L2 norms for a masked-dense NHWC map (masked sites already zero): (N,1,1,C) or (1,1,1,C)."""
+    dims = (1, 2) if stats == "sample" else (0, 1, 2)
+    return torch.linalg.vector_norm(x, dim=dims, keepdim=True)

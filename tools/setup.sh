@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: Debian packages, a virtual environment in .venv,
+# this package with its test extras, and MinkowskiEngine 0.5.4 built CPU-only (cached as a wheel).
+#   FCMAE_VENV=path        where the virtual environment lives (default .venv in the repository)
+#   FCMAE_NO_MINKOWSKI=1   skip the MinkowskiEngine build (its tests are then skipped with a reason)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${FCMAE_VENV:-.venv}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+# Debian packages: the default dataset, and BLAS headers for the MinkowskiEngine build.
+apt_need=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ -d /usr/share/datasets/fashion-mnist ] || apt_need+=(dataset-fashion-mnist)
+if [ -z "${FCMAE_NO_MINKOWSKI:-}" ]; then dpkg -s libopenblas-dev >/dev/null 2>&1 || apt_need+=(libopenblas-dev); fi
+if [ ${#apt_need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "[setup] apt-get install ${apt_need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${apt_need[@]}" >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+if ! "$VENV/bin/python" -c "import fcmae, timm, torch, transformers" >/dev/null 2>&1; then
+  echo "[setup] installing the package (torch 2.14.1 comes from the local package cache)"
+  $PIP install -q --upgrade pip wheel setuptools
+  $PIP install -q -e ".[dev]"
+fi
+
+if [ -z "${FCMAE_NO_MINKOWSKI:-}" ] && ! "$VENV/bin/python" -c "import models.minkowski_compat as m; m.import_minkowski()" >/dev/null 2>&1; then
+  # Built once per machine into a wheel cache: the build takes ~8 minutes on 2 cores.
+  CACHE=${FCMAE_WHEEL_CACHE:-$HOME/.cache/fcmae-wheels}
+  TORCH_TAG=$("$VENV/bin/python" -c "import torch; print(torch.__version__.replace('+', '_'))")
+  mkdir -p "$CACHE/$TORCH_TAG"
+  if ! ls "$CACHE/$TORCH_TAG"/MinkowskiEngine-*.whl >/dev/null 2>&1; then
+    echo "[setup] building MinkowskiEngine 0.5.4 (CPU only, about 8 minutes)"
+    $PIP install -q ninja
+    MAX_JOBS=${MAX_JOBS:-2} $PIP wheel -q --no-build-isolation --no-deps -w "$CACHE/$TORCH_TAG" \
+      --config-settings=--global-option=--cpu_only --config-settings=--global-option=--blas=openblas \
+      MinkowskiEngine==0.5.4
+  fi
+  $PIP install -q --no-deps "$CACHE/$TORCH_TAG"/MinkowskiEngine-*.whl
+fi
+echo "[setup] ready: $VENV"
