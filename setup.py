@@ -26,7 +26,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "fcmae-pretrain=fcmae.pretrain:main",
+            "fcmae-pretrain=fcmae.pretrain:cli",
             "fcmae-finetune=finetune.__main__:main",
             "fcmae-convert=tools.convert:main",
         ]

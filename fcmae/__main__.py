@@ -1,0 +1,3 @@
+from .pretrain import cli
+
+cli()

@@ -1,0 +1,92 @@
+"""Training-state checkpoints: atomic writes, safe loads, and auto-resume from the newest one that loads.
+
+Files are `checkpoint-<step>.pth` in the output dir; the newest `keep` are kept. A checkpoint is written to a
+temporary file, flushed and fsynced, then renamed over the target, so a kill or a full disk never leaves a
+half-written checkpoint under a real name and the previous one stays valid.
+"""
+import glob
+import logging
+import os
+import random
+import re
+import tempfile
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def atomic_save(obj, path: str):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load(path: str):
+    """Never executes code from the file (weights_only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def list_checkpoints(output_dir: str):
+    """Checkpoint paths in the dir, newest step first."""
+    found = []
+    for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        m = CKPT_RE.search(os.path.basename(p))
+        if m:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_loadable(output_dir: str):
+    """(path, state) of the newest checkpoint that loads; broken newer ones are reported and skipped."""
+    for path in list_checkpoints(output_dir):
+        try:
+            return path, load(path)
+        except Exception as e:  # truncated, corrupt or not a checkpoint: fall back to the previous one
+            log.warning("skipping unreadable checkpoint %s: %s", path, str(e).splitlines()[0] if str(e) else e)
+    return None, None
+
+
+def save_training_state(output_dir: str, step: int, state: dict, keep: int = 2) -> str:
+    path = os.path.join(output_dir, f"checkpoint-{step:08d}.pth")
+    atomic_save(state, path)
+    for old in list_checkpoints(output_dir)[keep:]:
+        os.remove(old)
+    return path
+
+
+def rng_state() -> dict:
+    """RNG states of torch, numpy and python, in weights_only-loadable form."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

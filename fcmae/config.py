@@ -1,0 +1,68 @@
+"""Command-line and YAML configuration shared by the CLIs.
+
+Each option is declared once with a dash name; the reference code's underscore spelling is accepted as an
+alias. `-c/--config FILE.yaml` supplies defaults (keys in either spelling) that explicit flags override;
+an unknown key in the file is an error. The resolved configuration is written next to the run.
+"""
+import argparse
+import sys
+
+import yaml
+
+
+class UsageError(ValueError):
+    """A bad invocation: reported as one line and exit code 2, before anything is written."""
+
+
+def add(target, *names, **kwargs):
+    """Add an option to a parser or group; `--some-name` also answers to its `--some_name` spelling."""
+    names = list(names)
+    for name in list(names):
+        if name.startswith("--") and "-" in name[2:]:
+            names.append("--" + name[2:].replace("-", "_"))
+    return target.add_argument(*names, **kwargs)
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def parse_with_config(parser: ArgParser, argv=None) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        try:
+            with open(known.config) as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise UsageError(f"cannot read config {known.config}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise UsageError(f"config {known.config} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise UsageError(f"config {known.config} must be a mapping of option: value")
+        dests = {a.dest for a in parser._actions}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - dests)
+        if unknown:
+            raise UsageError(f"config {known.config} has unknown keys: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def input_size(values):
+    """`--input-size 224` (square) or `--input-size 192 256` (height width)."""
+    if isinstance(values, int):
+        values = [values]
+    values = [int(v) for v in values]
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise UsageError(f"--input-size takes one (square) or two (height width) numbers, got {values}")
+    return tuple(values)
+
+
+def to_yaml(args: argparse.Namespace) -> str:
+    return yaml.safe_dump({k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}, sort_keys=True)
