@@ -156,14 +156,15 @@ def main(argv=None):
     parser = build_parser()
     args = parse_with_config(parser, argv)
     validate(args)
+    dataset = build_dataset(args)  # a missing or empty data folder fails here, before anything is written
     dist_info = init_distributed(args.device)
     try:
-        train(args, dist_info)
+        train(args, dist_info, dataset)
     finally:
         cleanup()
 
 
-def train(args, dist_info):
+def train(args, dist_info, dataset):
     device = torch.device(args.device if not args.device.startswith("cuda") or not dist_info.enabled
                           else f"cuda:{dist_info.local_rank}")
     os.makedirs(args.output_dir, exist_ok=True)
@@ -173,7 +174,7 @@ def train(args, dist_info):
     # Masks are drawn per sample from (seed, epoch, index) like the augmentation: the same on any number of
     # processes, with any accumulation, and after a resume.
     grid = mask_grid(*args.input_size)
-    dataset = SeededDataset(MaskedImages(build_dataset(args), grid[0] * grid[1], args.mask_ratio), seed=args.seed)
+    dataset = SeededDataset(MaskedImages(dataset, grid[0] * grid[1], args.mask_ratio), seed=args.seed)
     sampler = EpochSampler(len(dataset), seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size)
     micro_per_epoch = sampler.num_samples // args.batch_size
     steps_per_epoch = micro_per_epoch // args.accum_iter

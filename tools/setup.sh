@@ -25,10 +25,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/python -m pip"
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
 if ! "$VENV/bin/python" -c "import fcmae, timm, torch, transformers" >/dev/null 2>&1; then
   echo "[setup] installing the package (torch 2.14.1 comes from the local package cache)"
-  $PIP install -q --upgrade pip wheel setuptools
-  $PIP install -q -e ".[dev]"
+  quiet $PIP install -q --upgrade pip wheel setuptools
+  quiet $PIP install -q -e ".[dev]"
 fi
 
 if [ -z "${FCMAE_NO_MINKOWSKI:-}" ] && ! "$VENV/bin/python" -c "import models.minkowski_compat as m; m.import_minkowski()" >/dev/null 2>&1; then
@@ -36,13 +37,14 @@ if [ -z "${FCMAE_NO_MINKOWSKI:-}" ] && ! "$VENV/bin/python" -c "import models.mi
   CACHE=${FCMAE_WHEEL_CACHE:-$HOME/.cache/fcmae-wheels}
   TORCH_TAG=$("$VENV/bin/python" -c "import torch; print(torch.__version__.replace('+', '_'))")
   mkdir -p "$CACHE/$TORCH_TAG"
-  if ! ls "$CACHE/$TORCH_TAG"/MinkowskiEngine-*.whl >/dev/null 2>&1; then
+  wheel() { find "$CACHE/$TORCH_TAG" -maxdepth 1 -iname 'minkowskiengine-0.5.4-*.whl' | head -n 1; }
+  if [ -z "$(wheel)" ]; then
     echo "[setup] building MinkowskiEngine 0.5.4 (CPU only, about 8 minutes)"
-    $PIP install -q ninja
-    MAX_JOBS=${MAX_JOBS:-2} $PIP wheel -q --no-build-isolation --no-deps -w "$CACHE/$TORCH_TAG" \
+    quiet $PIP install -q ninja
+    MAX_JOBS=${MAX_JOBS:-2} quiet $PIP wheel -q --no-build-isolation --no-deps -w "$CACHE/$TORCH_TAG" \
       --config-settings=--global-option=--cpu_only --config-settings=--global-option=--blas=openblas \
       MinkowskiEngine==0.5.4
   fi
-  $PIP install -q --no-deps "$CACHE/$TORCH_TAG"/MinkowskiEngine-*.whl
+  quiet $PIP install -q --no-deps "$(wheel)"
 fi
 echo "[setup] ready: $VENV"

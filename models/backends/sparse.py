@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..grn import gathered_norms, grn_apply
+from .dwconv import depthwise_conv
 from .params import downsample_as_linear, layer_norm, linear, stem_as_linear
 
 
@@ -38,6 +39,9 @@ class SiteIndex:
         x = (cell % cols)[:, None] * k + dx[None]
         self.flat = ((n_img[:, None] * self.height + y) * self.width + x).reshape(-1)
         self.sample = n_img.repeat_interleave(k * k)
+        counts = torch.bincount(n_img, minlength=self.batch)
+        # masks drawn by the reference rule keep the same count per image: per-image GRN stats are then a reshape
+        self.uniform = bool(counts.min() == counts.max())
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """(V, C) -> (N, C, H, W) channels-last view with zeros at masked sites."""
@@ -74,9 +78,12 @@ class SparseBackend:
 
     @staticmethod
     def block_branch(blk, x, index: SiteIndex, grn_stats):
-        dw = blk.conv_dw
-        y = index.gather(F.conv2d(index.scatter(x), dw.weight, dw.bias, padding=dw.padding, groups=dw.groups))
+        y = index.gather(depthwise_conv(index.scatter(x), blk.conv_dw))
         y = F.gelu(linear(layer_norm(y, blk.norm), blk.mlp.fc1))
         grn = blk.mlp.grn
-        y = grn_apply(y, gathered_norms(y, index.sample, index.batch, grn_stats), grn.weight, grn.bias)
+        if index.uniform and grn_stats == "sample":
+            y3 = y.view(index.batch, -1, y.shape[1])
+            y = grn_apply(y3, torch.linalg.vector_norm(y3, dim=1, keepdim=True), grn.weight, grn.bias).view_as(y)
+        else:
+            y = grn_apply(y, gathered_norms(y, index.sample, index.batch, grn_stats), grn.weight, grn.bias)
         return linear(y, blk.mlp.fc2)

@@ -1,0 +1,207 @@
+"""Fine-tuning CLI end to end on CPU: initialisation from a real pretraining checkpoint, learning, outputs,
+`--eval` reproducing the logged accuracy, exact resume, seeded label subsets, and bad input -> exit code 2."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fcmae.checkpoint import load
+from finetune.__main__ import main, run
+from finetune.data import stratified_subset
+
+# Tiny and fast: atto at 32x32, a few hundred Fashion-MNIST images, no worker processes.
+FAST = ["--model", "convnextv2_atto", "--input-size", "32", "--batch-size", "32", "--num-workers", "0",
+        "--val-subset", "200", "--log-every", "5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the test machine's cores are shared: one thread avoids oversubscription stalls that cost 10x
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A checkpoint written by the pretraining CLI; a high lr without warmup moves every tensor (GRN included)
+    away from its initial value in two steps."""
+    from fcmae.pretrain import main as pretrain
+
+    out = tmp_path_factory.mktemp("pretrain")
+    pretrain(["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "8", "--max-steps", "2",
+              "--lr", "1e-2", "--warmup-epochs", "0", "--num-workers", "0", "--output-dir", str(out)])
+    return str(out / "checkpoint-00000002.pth")
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, pretrained):
+    """Two short epochs (10 steps each) from the pretraining checkpoint, EMA evaluated."""
+    out = tmp_path_factory.mktemp("finetune")
+    metrics = run(FAST + ["--finetune", pretrained, "--train-subset", "320", "--epochs", "2", "--lr", "1e-3",
+                          "--layer-decay", "1.0", "--aa", "none", "--reprob", "0", "--smoothing", "0",
+                          "--drop-path", "0", "--model-ema-decay", "0.9", "--output-dir", str(out)])
+    return out, metrics
+
+
+def test_pretrained_weights_loaded_exactly(tmp_path, pretrained):
+    """With lr 0 the first checkpoint holds the initial weights: every encoder tensor is the pretrained one,
+    the head is re-initialised (fc std 2e-5, bias 0; norm at its defaults)."""
+    run(FAST + ["--finetune", pretrained, "--train-subset", "32", "--max-steps", "1", "--lr", "0",
+                "--no-model-ema", "--output-dir", str(tmp_path)])
+    model = load(str(tmp_path / "checkpoint-00000001.pth"))["model"]
+    encoder = {k[len("encoder."):]: v for k, v in load(pretrained)["model"].items() if k.startswith("encoder.")}
+    fresh = __import__("timm").create_model("convnextv2_atto", num_classes=10).state_dict()
+    assert set(model) - set(encoder) == {"head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias"}
+    for key, value in encoder.items():
+        assert torch.equal(model[key], value), key
+        assert not torch.equal(value, fresh[key]), f"{key}: pretraining left it at a fresh model's value"
+    assert torch.equal(model["head.norm.weight"], torch.ones(320)) and not model["head.norm.bias"].any()
+    # timm's trunc_normal_ cuts at +-2 absolute, as in the reference: at std 2e-5 that is a plain normal
+    assert 1.5e-5 < model["head.fc.weight"].std() < 2.5e-5
+    assert not model["head.fc.bias"].any()
+
+
+def test_finetune_lowers_loss_and_learns(finetuned):
+    out, metrics = finetuned
+    assert metrics["steps"] == 20
+    assert metrics["mean_last_10"] < metrics["first_loss"] - 0.1, metrics
+    assert metrics["acc1"] > 20.0, metrics  # 10 classes: chance is 10%
+
+
+def test_outputs(finetuned):
+    out, metrics = finetuned
+    names = set(os.listdir(out))
+    assert {"checkpoint-best.pth", "checkpoint-00000010.pth", "checkpoint-00000020.pth", "summary.csv",
+            "metrics.json", "config.yaml", "log.txt", "tensorboard"} <= names
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["step"]) for r in rows] == [("0", "10"), ("1", "20")]
+    assert all(r["ema_acc1"] != "" for r in rows)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert float(rows[-1]["acc1"]) == metrics["acc1"]
+    state = load(str(out / "checkpoint-00000020.pth"))
+    assert state["format"] == "fcmae-finetune" and state["model_name"] == "convnextv2_atto"
+    assert state["step"] == 20 and state["epoch"] == 2 and state["model_ema"] is not None
+    assert state["best_acc1"] == metrics["best_acc1"] == max(max(float(r["acc1"]), float(r["ema_acc1"])) for r in rows)
+    assert os.listdir(out / "tensorboard")
+
+
+def test_eval_reproduces_logged_accuracy(finetuned):
+    out, metrics = finetuned
+    with open(out / "summary.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    result = run(FAST + ["--eval", "--resume", str(out / "checkpoint-00000020.pth")])
+    assert result["images"] == 200
+    assert result["acc1"] == pytest.approx(float(last["acc1"]), abs=1e-9)
+    assert result["acc5"] == pytest.approx(float(last["acc5"]), abs=1e-9)
+    assert result["ema"]["acc1"] == pytest.approx(float(last["ema_acc1"]), abs=1e-9)
+    # the same weights through the shared loader (--finetune keeps the head when evaluating)
+    again = run(FAST + ["--eval", "--finetune", str(out / "checkpoint-00000020.pth")])
+    assert again["acc1"] == pytest.approx(result["acc1"], abs=1e-9)
+    # and the resolved config.yaml reproduces the run's settings
+    best = run(["--eval", "-c", str(out / "config.yaml"), "--resume", str(out / "checkpoint-best.pth")])
+    assert max(best["acc1"], best["ema"]["acc1"]) == pytest.approx(metrics["best_acc1"], abs=1e-9)
+
+
+def test_resume_is_exact(tmp_path):
+    """6 steps in one go == 3 steps, stop, resume mid-epoch to 6 (mixup/cutmix, RandAugment, drop-path, EMA on)."""
+    args = FAST + ["--train-subset", "64", "--batch-size", "16", "--epochs", "3", "--val-subset", "32",
+                   "--mixup", "0.8", "--cutmix", "1.0", "--warmup-epochs", "1"]
+    run(args + ["--max-steps", "6", "--output-dir", str(tmp_path / "a")])
+    run(args + ["--max-steps", "3", "--output-dir", str(tmp_path / "b")])
+    run(args + ["--max-steps", "6", "--output-dir", str(tmp_path / "b")])
+    a, b = (load(str(tmp_path / d / "checkpoint-00000006.pth")) for d in "ab")
+    assert a["losses"] == b["losses"]
+    for part in ["model", "model_ema"]:
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for i, s in a["optimizer"]["state"].items():
+        assert torch.equal(s["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+
+
+def test_image_folders_and_label_fraction(tmp_path):
+    """train/ and val/ class folders; val may use fewer classes; --label-fraction keeps a seeded subset."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for split, classes, n in [("train", ["cat", "dog", "eel"], 20), ("val", ["cat", "eel"], 4)]:
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    metrics = run(["--data-path", str(root), "--input-size", "32", "--batch-size", "6", "--num-workers", "0",
+                   "--label-fraction", "0.5", "--max-steps", "2", "--output-dir", str(tmp_path / "out")])
+    assert metrics["steps"] == 2
+    state = load(str(tmp_path / "out" / "checkpoint-00000002.pth"))
+    assert state["classes"] == ["cat", "dog", "eel"] and state["model"]["head.fc.weight"].shape[0] == 3
+    assert "label_fraction: 0.5" in (tmp_path / "out" / "config.yaml").read_text()
+
+
+def test_stratified_subset():
+    targets = np.repeat(np.arange(10), [100] * 9 + [1000])  # one large class
+    one = stratified_subset(targets, 19, seed=3)
+    assert len(one) == 19 and len(set(one)) == 19
+    assert set(targets[one]) == set(range(10))  # every class kept, even at 1%
+    assert np.bincount(targets[one])[9] == 10  # the large class keeps its share
+    assert np.array_equal(one, stratified_subset(targets, 19, seed=3))
+    assert not np.array_equal(one, stratified_subset(targets, 19, seed=4))
+
+
+def _bad(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return e.value.code, err[-1] if err else ""
+
+
+@pytest.fixture
+def folders(tmp_path):
+    def make(train, val, images=1):
+        for split, classes in [("train", train), ("val", val)]:
+            (tmp_path / "d" / split).mkdir(parents=True, exist_ok=True)
+            for c in classes:
+                (tmp_path / "d" / split / c).mkdir()
+                for i in range(images):
+                    Image.new("RGB", (8, 8)).save(tmp_path / "d" / split / c / f"{i}.png")
+        return str(tmp_path / "d")
+    return make
+
+
+def test_bad_invocations(tmp_path, pretrained, folders, capsys):
+    out = ["--output-dir", str(tmp_path / "out")]
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cases = [
+        (["--model", "convnextv2_gigantic"] + out, "unknown model 'convnextv2_gigantic'"),
+        (["--finetune", str(tmp_path / "missing.pth")] + out, "--finetune checkpoint not found"),
+        (["--finetune", str(garbage)] + out, "not a PyTorch checkpoint"),
+        (["--model", "convnextv2_femto", "--finetune", pretrained] + out, "convnextv2_atto"),
+        (["--resume", pretrained] + out, "not a fine-tuning checkpoint"),
+        (["--eval", "--finetune", pretrained] + out, "has no classifier head"),
+        (["--eval", "--resume", "none"] + out, "--eval needs a checkpoint"),
+        (["--eval", "--output-dir", str(tmp_path / "empty")], "no checkpoint in"),
+        (["--output-dir", str(blocker / "out")], "is a file, not a folder"),
+        (["--data-path", str(tmp_path / "nowhere")] + out, "data folder not found"),
+        (["--data-path", folders([], [])] + out, "no images found"),
+        (["--input-size", "16"] + out, "--input-size must be at least 32"),
+        (["--mixup", "0.8", "--batch-size", "7"] + out, "--batch-size must be even"),
+        (["--train-subset", "5", "--label-fraction", "0.1"] + out, "not both"),
+    ]
+    for argv, message in cases:
+        code, line = _bad(argv, capsys)
+        assert code == 2, (argv, line)
+        assert line.startswith("error: ") and message in line, (argv, line)
+    assert not (tmp_path / "out").exists()  # every error came before anything was written
+
+
+def test_val_classes_must_be_in_train(tmp_path, folders, capsys):
+    path = folders(["cat", "dog"], ["cat", "yak"])
+    code, line = _bad(["--data-path", path, "--output-dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and "classes not in train/: yak" in line
