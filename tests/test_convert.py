@@ -97,7 +97,7 @@ def load(path):
 
 
 def assert_same(actual: dict, expected: dict):
-    assert list(actual) == list(expected) or set(actual) == set(expected), set(actual) ^ set(expected)
+    assert set(actual) == set(expected), set(actual) ^ set(expected)
     for k, v in expected.items():
         assert actual[k].dtype == v.dtype and actual[k].shape == v.shape and torch.equal(actual[k], v), k
 
@@ -163,7 +163,7 @@ def test_logits_agree_ours_timm_hf(sources, converted, name):
     imgs = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, t, h = ours(imgs), timm_model(imgs), hf(pixel_values=imgs).logits
-    MAX_DIFF[f"{name} logits timm-ours"] = (t - ref).abs().max().item()
+    MAX_DIFF[f"{name} logits timm-ours (max |logit| {ref.abs().max().item():.2f})"] = (t - ref).abs().max().item()
     MAX_DIFF[f"{name} logits hf-ours"] = (h - ref).abs().max().item()
     MAX_DIFF[f"{name} logits hf-timm"] = (h - t).abs().max().item()
     assert ref.abs().max() > 0.1  # a meaningful comparison, not of near-zero logits
@@ -364,8 +364,8 @@ def test_minkowski_backend_matches_dense_with_converted_weights(reference_checkp
     assert main([str(path), str(out), "--to", "ours"]) == 0
     model = built(create_fcmae, "convnextv2_atto", backend="dense")
     model.load_state_dict(load(out)["model"], strict=True)
-    imgs = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(5))
-    mask = random_mask(2, 3 * 4, 0.6, generator=torch.Generator().manual_seed(6))
+    imgs = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(5))  # small: MinkowskiEngine on CPU
+    mask = random_mask(1, 2 * 3, 0.6, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         dense = model.encoder(imgs, mask)
         model.encoder.set_backend("minkowski")

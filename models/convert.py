@@ -1,0 +1,672 @@
+"""Checkpoint conversion: ours (pretrain / fine-tune), timm, Hugging Face and the reference code's layouts.
+
+Every input is read into one canonical state dict: timm's names and shapes for the encoder (`stem.*`,
+`stages.*`), `head.norm.*` / `head.fc.*` when the source has a head, and our FCMAE decoder names
+(`proj.*`, `mask_token`, `decoder.{d}.*`, `pred.*`) when it has a decoder; that is `FCMAE.state_dict()`
+without its `encoder.` prefix, plus timm's head. Each other layout is a table of
+`(canonical key, layout key, kind)` rows built from the variant's depths; the kind says how a tensor is
+reshaped or permuted, and reading a layout walks the same table backwards, so round trips are bit-exact.
+
+Loading is strict: every key of the table must be present with exactly the expected shape and nothing
+may be left over; problems raise `CheckpointError` with a one-line message naming the keys
+(the reference loader only printed them, and users lost runs to silently unloaded GRN weights).
+Files are read with `torch.load(..., weights_only=True)` or safetensors: nothing is ever unpickled
+that could run code.
+"""
+import argparse
+import functools
+import json
+import os
+import pathlib
+import pickle
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
+
+from .fcmae import create_fcmae
+from .variants import Variant, get_variant, variant_from_dims
+
+PRETRAIN_FORMAT = "fcmae-pretrain"  # {"format", "model_name", "model": FCMAE.state_dict(), ...}
+FINETUNE_FORMAT = "fcmae-finetune"  # {"format", "model_name", "model": timm state dict, "model_ema"?: ..., ...}
+LAYOUTS = ("ours-pretrain", "ours-finetune", "timm", "reference-minkowski", "reference-dense", "hf")
+TARGETS = ("ours", "timm", "hf", "reference")
+HF_WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit: the message is one line naming the problem."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files safely
+
+# Globals that checkpoints written by training scripts contain besides tensors, all inert:
+# argparse.Namespace (the reference code saves `args`), paths inside it, numpy arrays and scalars
+# (numpy RNG state). Whatever they hold still goes through the same restricted unpickler.
+_NP_CORE = getattr(np, "_core", None) or np.core
+_NP_DTYPES = [getattr(np.dtypes, n) for n in getattr(getattr(np, "dtypes", None), "__all__", [])]
+_SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath, np.ndarray, np.dtype,
+                 _NP_CORE.multiarray._reconstruct, _NP_CORE.multiarray.scalar, *_NP_DTYPES]
+
+
+def read_checkpoint(path) -> dict:
+    """Load a `.pth`/`.pt`/`.safetensors` file or a Hugging Face directory without running any code.
+
+    Returns the raw container (e.g. `{"format": ..., "model": {...}}`, the reference `{"model": ...}`)
+    or a plain state dict; a Hugging Face directory gives `{"hf_config": config, "model": state_dict}`."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _read_hf_dir(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    # A safetensors file starts with an 8-byte little-endian header length, then the JSON header.
+    if path.endswith(".safetensors") or head[8:9] == b"{":
+        return _read_safetensors(path)
+    return _torch_load(path)
+
+
+def _read_safetensors(path) -> dict:
+    try:
+        return load_safetensors(path, device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file, or truncated ({_one_line(e)})") from None
+
+
+def _torch_load(path):
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if blocked:
+            raise CheckpointError(
+                f"{path}: refused to load: it would unpickle {blocked.group(1)}, which could run code "
+                "(only tensors and plain containers are loaded, weights_only=True)") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint, or corrupt ({_weights_only_reason(e)})") from None
+    except Exception as e:  # anything torch.load trips on means the file is not a readable checkpoint
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint, or truncated ({_one_line(e)})") from None
+
+
+def _weights_only_reason(e) -> str:
+    found = re.search(r"(Unsupported operand \d+|Can only build .* but got <class '[\w.]+'>|Unsupported [\w ]+)", str(e))
+    return found.group(1) if found else _one_line(e)
+
+
+def _one_line(e, limit=160) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_hf_dir(path) -> dict:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{path}: directory has no config.json, so it is not a Hugging Face model directory")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(config, dict) or config.get("model_type") != "convnextv2":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise CheckpointError(f"{config_path}: model_type is {kind!r}, expected 'convnextv2'")
+    weights = os.path.join(path, HF_WEIGHTS)
+    if os.path.isfile(weights):
+        sd = _read_safetensors(weights)
+    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        sd = _torch_load(os.path.join(path, "pytorch_model.bin"))
+    else:
+        raise CheckpointError(f"{path}: Hugging Face directory has no {HF_WEIGHTS} (sharded weights are not supported)")
+    return {"hf_config": config, "model": sd}
+
+
+def state_dict_of(obj, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The state dict inside a container (`model`, `model_ema` with use_ema, `state_dict`), or obj itself."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+    if use_ema:
+        if not isinstance(obj.get("model_ema"), dict):
+            raise CheckpointError("checkpoint has no model_ema weights (drop --ema / use_ema)")
+        sd = obj["model_ema"]
+    elif isinstance(obj.get("model"), dict):
+        sd = obj["model"]
+    elif isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+    else:
+        sd = obj
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"no state dict found: non-tensor entries {_short(bad)} (top-level keys: {_short(list(obj))})")
+    if not sd:
+        raise CheckpointError("checkpoint holds an empty state dict")
+    return sd
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout detection
+
+# Which layout a key belongs to (matched at the start of the key). Decoder keys shared by ours and the
+# reference (proj, mask_token, pred, decoder.d.norm) belong to no single layout.
+_KEY_PATTERNS = {
+    "timm": re.compile(r"(stem\.|stages\.\d+\.(downsample|blocks)\.|head\.(norm|fc)\.)"),
+    "ours-pretrain": re.compile(r"(encoder\.(stem\.|stages\.\d+\.(downsample|blocks)\.)|decoder\.\d+\.(conv_dw|mlp)\.)"),
+    "reference-dense": re.compile(r"(downsample_layers\.|stages\.\d+\.\d+\.|norm\.|head\.(weight|bias)$)"),
+    "reference-minkowski": re.compile(
+        r"(encoder\.(downsample_layers\.|stages\.\d+\.\d+\.)|decoder\.\d+\.(dwconv|pwconv\d|grn)\.)"),
+    "hf": re.compile(r"((convnextv2\.)?(embeddings\.|encoder\.stages\.\d+\.(downsampling_layer|layers)\.|layernorm\.)"
+                     r"|classifier\.)"),
+}
+_DECODER_KEY = re.compile(r"(proj\.|mask_token$|pred\.|decoder\.\d+\.)")
+
+
+def _layout_of_keys(sd) -> str:
+    found: Dict[str, List[str]] = {}
+    for key in sd:
+        for layout, pattern in _KEY_PATTERNS.items():
+            if pattern.match(key):
+                found.setdefault(layout, []).append(key)
+                break
+    if len(found) > 1:
+        parts = [f"{len(keys)} {layout} keys (e.g. {keys[0]})" for layout, keys in found.items()]
+        raise CheckpointError(f"mixed checkpoint layouts: {' and '.join(parts)}")
+    if not found:
+        raise CheckpointError(f"no ConvNeXt V2 weights found (keys: {_short(list(sd))})")
+    return next(iter(found))
+
+
+def detect_layout(obj, use_ema: bool = False) -> str:
+    """One of LAYOUTS for a container or a state dict; raises CheckpointError for mixed or unknown keys."""
+    fmt = obj.get("format") if isinstance(obj, dict) and isinstance(obj.get("format"), str) else None
+    layout = _layout_of_keys(state_dict_of(obj, use_ema))
+    expected = {PRETRAIN_FORMAT: "ours-pretrain", FINETUNE_FORMAT: "timm", None: layout}
+    if fmt not in expected:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r} (expected {PRETRAIN_FORMAT} or {FINETUNE_FORMAT})")
+    if layout != expected[fmt]:
+        raise CheckpointError(f"checkpoint says format {fmt!r} but its weights are in the {layout} layout")
+    return "ours-finetune" if fmt == FINETUNE_FORMAT else layout
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor kinds: how a canonical (timm) tensor is stored in another layout
+
+
+@dataclass(frozen=True)
+class Kind:
+    shape: Callable  # canonical shape -> layout shape
+    to_layout: Callable  # canonical tensor -> layout tensor
+    from_layout: Callable  # (layout tensor, canonical shape) -> canonical tensor
+
+
+def _reshape_kind(shape: Callable) -> Kind:
+    return Kind(shape, lambda t: t.reshape(shape(t.shape)), lambda t, s: t.reshape(s))
+
+
+# MinkowskiEngine kernels (documented layout; reference utils.remap_checkpoint_keys does the inverse):
+# conv (k*k, in, out) and depthwise (k*k, C) with K[h + k*w, ...] = W[o, i, h, w], i.e. the row offset
+# runs fastest. W.permute(3, 2, 1, 0) is indexed [w, h, i, o]; flattening (w, h) gives w*k + h.
+def _me_conv_to(w):
+    return w.permute(3, 2, 1, 0).reshape(-1, w.shape[1], w.shape[0]).contiguous()
+
+
+def _me_conv_from(k, shape):
+    return k.reshape(shape[3], shape[2], shape[1], shape[0]).permute(3, 2, 1, 0).contiguous()
+
+
+def _me_dw_to(w):
+    return w[:, 0].permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
+
+
+def _me_dw_from(k, shape):
+    return k.reshape(shape[3], shape[2], shape[0]).permute(2, 1, 0).unsqueeze(1).contiguous()
+
+
+SAME = _reshape_kind(lambda s: tuple(s))
+LINEAR = _reshape_kind(lambda s: tuple(s[:2]))  # timm fc (out, in, 1, 1) for atto..nano, (out, in) above
+GRN = _reshape_kind(lambda s: (1, 1, 1, s[0]))  # timm (C,) <-> reference / Hugging Face (1, 1, 1, C)
+ROW = _reshape_kind(lambda s: (1, s[0]))  # (C,) <-> MinkowskiEngine bias / GRN (1, C)
+ME_CONV = Kind(lambda s: (s[2] * s[3], s[1], s[0]), _me_conv_to, _me_conv_from)
+ME_DWCONV = Kind(lambda s: (s[2] * s[3], s[0]), _me_dw_to, _me_dw_from)
+
+Row = Tuple[str, str, Kind]  # (canonical key, layout key, kind)
+
+
+def _param(canonical: str, layout: str, weight: Kind = SAME, bias: Kind = SAME) -> List[Row]:
+    return [(f"{canonical}.weight", f"{layout}.weight", weight), (f"{canonical}.bias", f"{layout}.bias", bias)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout tables for the given stage depths. `head` holds the head groups present ("norm", "fc");
+# decoder_depth 0 means no decoder.
+
+
+def _timm_rows(depths, head) -> List[Row]:
+    rows = _param("stem.0", "stem.0") + _param("stem.1", "stem.1")
+    for i, depth in enumerate(depths):
+        if i > 0:
+            rows += _param(f"stages.{i}.downsample.0", f"stages.{i}.downsample.0")
+            rows += _param(f"stages.{i}.downsample.1", f"stages.{i}.downsample.1")
+        for j in range(depth):
+            b = f"stages.{i}.blocks.{j}."
+            for name in ["conv_dw", "norm", "mlp.fc1", "mlp.grn", "mlp.fc2"]:
+                rows += _param(b + name, b + name)
+    return rows + [r for g in ["norm", "fc"] if g in head for r in _param(f"head.{g}", f"head.{g}")]
+
+
+def _decoder_rows(depth: int, reference: bool) -> List[Row]:
+    """Our decoder blocks are timm ConvNeXtBlocks with Linear MLPs; the reference's are its dense Block
+    (models/convnextv2.py: dwconv, norm, pwconv1, grn.gamma/beta (1, 1, 1, C), pwconv2)."""
+    if depth == 0:
+        return []
+    rows = _param("proj", "proj") + [("mask_token", "mask_token", SAME)]
+    for d in range(depth):
+        b = f"decoder.{d}."
+        if reference:
+            rows += _param(b + "conv_dw", b + "dwconv") + _param(b + "norm", b + "norm")
+            rows += _param(b + "mlp.fc1", b + "pwconv1")
+            rows += [(b + "mlp.grn.weight", b + "grn.gamma", GRN), (b + "mlp.grn.bias", b + "grn.beta", GRN)]
+            rows += _param(b + "mlp.fc2", b + "pwconv2")
+        else:
+            for name in ["conv_dw", "norm", "mlp.fc1", "mlp.grn", "mlp.fc2"]:
+                rows += _param(b + name, b + name)
+    return rows + _param("pred", "pred")
+
+
+def _ours_pretrain_rows(depths, decoder_depth: int) -> List[Row]:
+    enc = [(c, "encoder." + k, kind) for c, k, kind in _timm_rows(depths, head=())]
+    return enc + _decoder_rows(decoder_depth, reference=False)
+
+
+def _reference_dense_rows(depths, head) -> List[Row]:
+    """The released dense layout (models/convnextv2.py of the reference): downsample_layers.0 is the stem."""
+    rows = _param("stem.0", "downsample_layers.0.0") + _param("stem.1", "downsample_layers.0.1")
+    for i, depth in enumerate(depths):
+        if i > 0:
+            rows += _param(f"stages.{i}.downsample.0", f"downsample_layers.{i}.0")
+            rows += _param(f"stages.{i}.downsample.1", f"downsample_layers.{i}.1")
+        for j in range(depth):
+            b, r = f"stages.{i}.blocks.{j}.", f"stages.{i}.{j}."
+            rows += _param(b + "conv_dw", r + "dwconv") + _param(b + "norm", r + "norm")
+            rows += _param(b + "mlp.fc1", r + "pwconv1", weight=LINEAR)
+            rows += [(b + "mlp.grn.weight", r + "grn.gamma", GRN), (b + "mlp.grn.bias", r + "grn.beta", GRN)]
+            rows += _param(b + "mlp.fc2", r + "pwconv2", weight=LINEAR)
+    if "norm" in head:
+        rows += _param("head.norm", "norm")
+    if "fc" in head:
+        rows += _param("head.fc", "head")
+    return rows
+
+
+def _reference_minkowski_rows(depths, decoder_depth: int) -> List[Row]:
+    """The reference FCMAE pretraining checkpoint (models/fcmae.py + models/convnextv2_sparse.py of
+    facebookresearch/ConvNeXt-V2, read back by utils.remap_checkpoint_keys): the encoder is
+    SparseConvNeXtV2 under `encoder.`: a dense stem (nn.Conv2d + channels_first LayerNorm),
+    downsample_layers.i = (MinkowskiLayerNorm `.ln`, MinkowskiConvolution `.kernel` (4, in, out) + bias (1, out));
+    blocks: MinkowskiDepthwiseConvolution (`dwconv.kernel` (49, C), `dwconv.bias` (1, C): the authors'
+    MinkowskiEngine fork), MinkowskiLayerNorm `norm.ln`, MinkowskiLinear `pwconv1.linear` / `pwconv2.linear`,
+    MinkowskiGRN `grn.gamma` / `grn.beta` (1, 4C)."""
+    e = "encoder."
+    rows = _param("stem.0", e + "downsample_layers.0.0") + _param("stem.1", e + "downsample_layers.0.1")
+    for i, depth in enumerate(depths):
+        if i > 0:
+            rows += _param(f"stages.{i}.downsample.0", e + f"downsample_layers.{i}.0.ln")
+            rows += [(f"stages.{i}.downsample.1.weight", e + f"downsample_layers.{i}.1.kernel", ME_CONV),
+                     (f"stages.{i}.downsample.1.bias", e + f"downsample_layers.{i}.1.bias", ROW)]
+        for j in range(depth):
+            b, r = f"stages.{i}.blocks.{j}.", e + f"stages.{i}.{j}."
+            rows += [(b + "conv_dw.weight", r + "dwconv.kernel", ME_DWCONV), (b + "conv_dw.bias", r + "dwconv.bias", ROW)]
+            rows += _param(b + "norm", r + "norm.ln")
+            rows += _param(b + "mlp.fc1", r + "pwconv1.linear", weight=LINEAR)
+            rows += [(b + "mlp.grn.weight", r + "grn.gamma", ROW), (b + "mlp.grn.bias", r + "grn.beta", ROW)]
+            rows += _param(b + "mlp.fc2", r + "pwconv2.linear", weight=LINEAR)
+    return rows + _decoder_rows(decoder_depth, reference=True)
+
+
+def _hf_rows(depths, head) -> List[Row]:
+    """transformers ConvNextV2 (modeling_convnextv2.py), as ConvNextV2Model names it; stage 0 has no
+    downsampling layer. ConvNextV2ForImageClassification adds the `convnextv2.` prefix and `classifier`."""
+    rows = _param("stem.0", "embeddings.patch_embeddings") + _param("stem.1", "embeddings.layernorm")
+    for i, depth in enumerate(depths):
+        s = f"encoder.stages.{i}."
+        if i > 0:
+            rows += _param(f"stages.{i}.downsample.0", s + "downsampling_layer.0")
+            rows += _param(f"stages.{i}.downsample.1", s + "downsampling_layer.1")
+        for j in range(depth):
+            b, r = f"stages.{i}.blocks.{j}.", f"{s}layers.{j}."
+            rows += _param(b + "conv_dw", r + "dwconv") + _param(b + "norm", r + "layernorm")
+            rows += _param(b + "mlp.fc1", r + "pwconv1", weight=LINEAR)
+            rows += _param(b + "mlp.grn", r + "grn", weight=GRN, bias=GRN)
+            rows += _param(b + "mlp.fc2", r + "pwconv2", weight=LINEAR)
+    if "norm" in head:
+        rows += _param("head.norm", "layernorm")
+    if "fc" in head:
+        rows += _param("head.fc", "classifier")
+    return rows
+
+
+def _rows(layout: str, depths, head=(), decoder_depth: int = 0) -> List[Row]:
+    """The table of a layout; ours-pretrain and reference-minkowski hold no head, the others no decoder."""
+    if layout == "ours-pretrain":
+        return _ours_pretrain_rows(depths, decoder_depth)
+    if layout == "reference-minkowski":
+        return _reference_minkowski_rows(depths, decoder_depth)
+    builders = {"timm": _timm_rows, "ours-finetune": _timm_rows, "reference-dense": _reference_dense_rows, "hf": _hf_rows}
+    return builders[layout](depths, head)
+
+
+# Per layout: block keys (stage, block) for counting depths; layout keys of the head groups.
+_BLOCK_KEY = {
+    "timm": r"stages\.(\d+)\.blocks\.(\d+)\.", "ours-pretrain": r"encoder\.stages\.(\d+)\.blocks\.(\d+)\.",
+    "reference-dense": r"stages\.(\d+)\.(\d+)\.", "reference-minkowski": r"encoder\.stages\.(\d+)\.(\d+)\.",
+    "hf": r"encoder\.stages\.(\d+)\.layers\.(\d+)\.",
+}
+_HEAD_KEY = {
+    "timm": {"norm": r"head\.norm\.", "fc": r"head\.fc\."},
+    "reference-dense": {"norm": r"norm\.", "fc": r"head\."},
+    "hf": {"norm": r"layernorm\.", "fc": r"classifier\."},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading any layout into the canonical state dict
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_shapes(model_name: str, decoder_dim: int, decoder_depth: int) -> Dict[str, Tuple[int, ...]]:
+    """Canonical key -> shape, from timm / our FCMAE built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        shapes = {k: tuple(t.shape) for k, t in timm.create_model(model_name, num_classes=0).state_dict().items()}
+        if decoder_depth:
+            fcmae = create_fcmae(model_name, decoder_dim=decoder_dim, decoder_depth=decoder_depth)
+            shapes.update({k: tuple(t.shape) for k, t in fcmae.state_dict().items() if not k.startswith("encoder.")})
+    return shapes
+
+
+def _infer_variant(sd, layout: str) -> Optional[Variant]:
+    """The variant from the block count per stage and each stage's width (its first block norm weight)."""
+    blocks: Dict[int, set] = {}
+    for key in sd:
+        m = re.match(_BLOCK_KEY[layout], key)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if sorted(blocks) != [0, 1, 2, 3]:
+        return None
+    depths = [max(blocks[i]) + 1 for i in range(4)]
+    rows = {c: k for c, k, _ in _rows(layout, depths)}
+    norms = [sd.get(rows[f"stages.{i}.blocks.0.norm.weight"]) for i in range(4)]
+    if any(t is None for t in norms):
+        return None
+    try:
+        return variant_from_dims(depths, [t.numel() for t in norms])
+    except ValueError:
+        return None
+
+
+def _describe(v: Variant) -> str:
+    return f"{v.name} (depths {v.depths}, dims {v.dims})"
+
+
+def to_canonical(obj, model_name: Optional[str] = None, use_ema: bool = False) -> Tuple[str, str, Dict[str, torch.Tensor]]:
+    """Any supported container / state dict -> (model_name, layout, canonical state dict).
+
+    model_name, when given, must match the variant the checkpoint holds (it is needed only when the
+    variant cannot be inferred from the shapes)."""
+    layout = detect_layout(obj, use_ema)
+    sd = state_dict_of(obj, use_ema)
+    if layout == "hf":
+        sd = _strip_hf_prefix(sd)
+    keys = "timm" if layout == "ours-finetune" else layout
+    variant = _resolve_variant(sd, keys, model_name)
+    _check_hf_config(obj.get("hf_config"), variant)
+
+    head = [g for g, pattern in _HEAD_KEY.get(keys, {}).items() if any(re.match(pattern, k) for k in sd)]
+    decoder_depth, decoder_dim = _decoder_size(sd) if keys in ("ours-pretrain", "reference-minkowski") else (0, 0)
+    rows = _rows(keys, variant.depths, head, decoder_depth)
+    shapes = dict(_expected_shapes(variant.name, decoder_dim, decoder_depth))
+    if "fc" in head:  # any number of classes
+        fc = sd.get(next(k for c, k, _ in rows if c == "head.fc.weight"))
+        shapes["head.fc.weight"] = (fc.shape[0] if fc is not None and fc.dim() else 0, variant.dims[-1])
+        shapes["head.fc.bias"] = shapes["head.fc.weight"][:1]
+    out = _read_rows(sd, rows, shapes, f"{layout} checkpoint of {variant.name}")
+    if "head.fc.weight" in out and "head.norm.weight" not in out:
+        raise CheckpointError("checkpoint has a classifier but no final norm (head.norm)")
+    return variant.name, layout, out
+
+
+def _resolve_variant(sd, layout: str, model_name: Optional[str]) -> Variant:
+    wanted = None
+    if model_name is not None:
+        try:
+            wanted = get_variant(model_name)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    found = _infer_variant(sd, layout)
+    if wanted and found and wanted != found:
+        raise CheckpointError(f"checkpoint holds {_describe(found)}, not {wanted.name}")
+    if not (wanted or found):
+        raise CheckpointError(f"cannot infer the ConvNeXt V2 variant of this {layout} checkpoint from its shapes; "
+                              "pass --model (model_name)")
+    return wanted or found
+
+
+def _check_hf_config(config: Optional[dict], variant: Variant):
+    if config and (list(config.get("depths", [])) != list(variant.depths)
+                   or list(config.get("hidden_sizes", [])) != list(variant.dims)):
+        raise CheckpointError(f"config.json says depths {config.get('depths')}, hidden_sizes "
+                              f"{config.get('hidden_sizes')}, but the weights are {_describe(variant)}")
+
+
+def _decoder_size(sd) -> Tuple[int, int]:
+    """(depth, dim) of the decoder in a pretraining state dict; (0, 0) when it has none."""
+    if not any(_DECODER_KEY.match(k) for k in sd):
+        return 0, 0
+    blocks = {int(m.group(1)) for k in sd for m in [re.match(r"decoder\.(\d+)\.", k)] if m}
+    token = sd.get("mask_token")
+    return (max(blocks) + 1 if blocks else 1), (token.shape[1] if token is not None and token.dim() == 4 else 512)
+
+
+def _read_rows(sd, rows: List[Row], shapes, what: str) -> Dict[str, torch.Tensor]:
+    """Walk a table backwards: every layout key present with exactly its expected shape, nothing left over."""
+    out, missing, mismatched = {}, [], []
+    for canonical, key, kind in rows:
+        if key not in sd:
+            missing.append(key)
+            continue
+        want = tuple(kind.shape(shapes[canonical]))
+        if tuple(sd[key].shape) != want:
+            mismatched.append(f"{key} {tuple(sd[key].shape)} vs expected {want}")
+            continue
+        out[canonical] = kind.from_layout(sd[key], shapes[canonical])
+    used = {key for _, key, _ in rows}
+    _raise_problems(what, missing, [k for k in sd if k not in used], mismatched)
+    return out
+
+
+def _strip_hf_prefix(sd):
+    p = "convnextv2."
+    if not any(k.startswith(p) for k in sd):
+        return sd
+    bare = [k for k in sd if not k.startswith(p) and not k.startswith("classifier.")]
+    if bare:
+        raise CheckpointError(f"mixed Hugging Face keys with and without the {p} prefix (e.g. {bare[0]})")
+    return {k[len(p):] if k.startswith(p) else k: v for k, v in sd.items()}
+
+
+def _raise_problems(what: str, missing, unexpected, mismatched):
+    grn = [k for k in missing if ".grn" in k]
+    parts = []
+    if grn:
+        parts.append(f"missing GRN tensors ({len(grn)}): {_short(grn)}; a ConvNeXt V1 checkpoint?")
+    other = [k for k in missing if ".grn" not in k]
+    for label, keys in [("missing keys", other), ("unexpected keys", unexpected), ("shape mismatches", mismatched)]:
+        if keys:
+            parts.append(f"{label} ({len(keys)}): {_short(keys)}")
+    if parts:
+        raise CheckpointError(f"{what} does not fit: " + "; ".join(parts))
+
+
+def _short(keys, limit: int = 6) -> str:
+    keys = list(keys)
+    more = f", ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(str(k) for k in keys[:limit]) + more
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the canonical state dict in a layout
+
+
+def _is_head(key: str) -> bool:
+    return key.startswith("head.")
+
+
+def _has_decoder(state) -> bool:
+    return "mask_token" in state
+
+
+def _timm_part(state) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not _DECODER_KEY.match(k)}
+
+
+def _write(state, layout: str, model_name: str) -> Dict[str, torch.Tensor]:
+    """Walk a table forwards."""
+    head = [g for g in ("norm", "fc") if f"head.{g}.weight" in state]
+    decoder_depth = len({k.split(".")[1] for k in state if k.startswith("decoder.")})
+    return {key: kind.to_layout(state[canonical]).contiguous()
+            for canonical, key, kind in _rows(layout, get_variant(model_name).depths, head, decoder_depth)}
+
+
+def hf_config(model_name: str, num_labels: int) -> dict:
+    """config.json for transformers' ConvNextV2 (final LayerNorm eps 1e-6 as in the reference)."""
+    v = get_variant(model_name)
+    arch = "ConvNextV2ForImageClassification" if num_labels else "ConvNextV2Model"
+    return {"architectures": [arch], "model_type": "convnextv2", "depths": list(v.depths),
+            "hidden_sizes": list(v.dims), "num_channels": 3, "patch_size": 4, "num_stages": 4,
+            "hidden_act": "gelu", "layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "image_size": 224,
+            "initializer_range": 0.02, "num_labels": num_labels}
+
+
+def from_canonical(model_name: str, state, to: str):
+    """Canonical state dict -> the `to` layout: a state dict, or (config, state dict) for "hf".
+
+    ours: FCMAE.state_dict() layout when there is a decoder, else timm's (fine-tune) layout;
+    timm: encoder + head, decoder dropped; reference: the MinkowskiEngine pretraining layout when there
+    is a decoder, else the released dense layout (with norm/head if present); hf: decoder dropped."""
+    if to not in TARGETS:
+        raise ValueError(f"unknown target {to!r}; valid targets: {', '.join(TARGETS)}")
+    if to == "ours":
+        return _write(state, "ours-pretrain", model_name) if _has_decoder(state) else _timm_part(state)
+    if to == "timm":
+        return _timm_part(state)
+    if to == "reference":
+        if _has_decoder(state):
+            return _write(state, "reference-minkowski", model_name)
+        return _write(state, "reference-dense", model_name)
+    state = _timm_part(state)
+    if "head.norm.weight" not in state:
+        # ConvNextV2Model always has its final LayerNorm; an encoder-only checkpoint gets it at its initial
+        # value (weight 1, bias 0), what a freshly built model holds, so loading reports nothing missing.
+        c4 = get_variant(model_name).dims[-1]
+        dtype = state["stem.0.weight"].dtype
+        state = {**state, "head.norm.weight": torch.ones(c4, dtype=dtype), "head.norm.bias": torch.zeros(c4, dtype=dtype)}
+    num_labels = state["head.fc.weight"].shape[0] if "head.fc.weight" in state else 0
+    sd = _write(state, "hf", model_name)
+    if num_labels:  # ConvNextV2ForImageClassification holds the ConvNextV2Model as `convnextv2`
+        sd = {k if k.startswith("classifier.") else "convnextv2." + k: v for k, v in sd.items()}
+    return hf_config(model_name, num_labels), sd
+
+
+def convert(obj, to: str, model_name: Optional[str] = None, use_ema: bool = False):
+    """Any supported input (container, state dict or path) -> the `to` layout (see from_canonical)."""
+    if to not in TARGETS:
+        raise ValueError(f"unknown target {to!r}; valid targets: {', '.join(TARGETS)}")
+    if isinstance(obj, (str, os.PathLike)):
+        obj = read_checkpoint(obj)
+    name, _, state = to_canonical(obj, model_name, use_ema)
+    return from_canonical(name, state, to)
+
+
+def save_converted(model_name: str, state, to: str, output) -> str:
+    """Write the canonical state dict as `to` at `output`; returns a short description of what was written.
+
+    ours -> torch.save of {"format", "model_name", "model"}; timm -> safetensors when `output` ends in
+    .safetensors, else torch.save; hf -> a directory with config.json + model.safetensors;
+    reference -> torch.save({"model": ...}) like the reference code's checkpoints."""
+    output = os.fspath(output)
+    result = from_canonical(model_name, state, to)
+    if to == "hf":
+        config, sd = result
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_safetensors(sd, os.path.join(output, HF_WEIGHTS), metadata={"format": "pt"})
+        return f"{config['architectures'][0]} directory"
+    if to == "ours":
+        fmt = PRETRAIN_FORMAT if _has_decoder(state) else FINETUNE_FORMAT
+        torch.save({"format": fmt, "model_name": model_name, "model": result}, output)
+        return fmt
+    if to == "timm" and output.endswith(".safetensors"):
+        save_safetensors(result, output, metadata={"format": "pt"})
+        return "timm safetensors"
+    if to == "timm":
+        torch.save(result, output)
+        return "timm state dict"
+    torch.save({"model": result}, output)
+    return "reference MinkowskiEngine pretraining layout" if _has_decoder(state) else "reference dense layout"
+
+
+# --------------------------------------------------------------------------------------------------
+# What the fine-tune CLI uses
+
+
+def to_timm(obj, model_name: Optional[str] = None, use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor]]:
+    """Any supported input (container, state dict or path) -> (model_name, timm state dict): encoder,
+    plus head.* when the source has a head; a decoder is dropped."""
+    if isinstance(obj, (str, os.PathLike)):
+        obj = read_checkpoint(obj)
+    name, _, state = to_canonical(obj, model_name, use_ema)
+    return name, _timm_part(state)
+
+
+def load_encoder_weights(path, model_name: Optional[str] = None, use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor]]:
+    """The single loader for fine-tuning: any checkpoint file / HF directory -> (model_name, timm state dict).
+    Raises CheckpointError when model_name is given and the checkpoint holds another variant."""
+    return to_timm(read_checkpoint(path), model_name, use_ema)
+
+
+def load_into_timm(model: torch.nn.Module, timm_state_dict, keep_head: bool = False) -> List[str]:
+    """Strictly load a timm state dict into a timm ConvNeXt V2: every non-head key must be present with the
+    exact shape and nothing else may be there; head.* is loaded only with keep_head (and must then match).
+    Returns the keys left at their initial values (the head unless keep_head)."""
+    own = model.state_dict()
+    mine, theirs = _infer_variant(own, "timm"), _infer_variant(timm_state_dict, "timm")
+    if mine and theirs and mine != theirs:
+        raise CheckpointError(f"checkpoint holds {_describe(theirs)}, but the model is {mine.name}")
+    wanted = [k for k in own if keep_head or not _is_head(k)]
+    given = {k: v for k, v in timm_state_dict.items() if keep_head or not _is_head(k)}
+    missing = [k for k in wanted if k not in given]
+    unexpected = [k for k in given if k not in own]
+    mismatched = [f"{k} {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in wanted if k in given and given[k].shape != own[k].shape]
+    if keep_head and any(_is_head(k) for k in missing + mismatched):
+        hint = "; fine-tune with the head re-initialised (keep_head=False) to change it"
+    else:
+        hint = ""
+    try:
+        _raise_problems("checkpoint", missing, unexpected, mismatched)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{hint}") from None
+    result = model.load_state_dict(given, strict=False)
+    left = [k for k in own if k not in given]
+    assert sorted(result.missing_keys) == sorted(left) and not result.unexpected_keys, result
+    return left
