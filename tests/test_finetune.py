@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -29,13 +30,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A checkpoint written by the pretraining CLI; a high lr without warmup moves every tensor (GRN included)
-    away from its initial value in two steps."""
+    """A checkpoint written by the pretraining CLI; without warmup, Adam's first steps move every tensor (GRN
+    included) by about the lr away from its initial value."""
     from fcmae.pretrain import main as pretrain
 
     out = tmp_path_factory.mktemp("pretrain")
     pretrain(["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "8", "--max-steps", "2",
-              "--lr", "1e-2", "--warmup-epochs", "0", "--num-workers", "0", "--output-dir", str(out)])
+              "--lr", "1e-3", "--warmup-epochs", "0", "--num-workers", "0", "--output-dir", str(out)])
     return str(out / "checkpoint-00000002.pth")
 
 
@@ -56,7 +57,7 @@ def test_pretrained_weights_loaded_exactly(tmp_path, pretrained):
                 "--no-model-ema", "--output-dir", str(tmp_path)])
     model = load(str(tmp_path / "checkpoint-00000001.pth"))["model"]
     encoder = {k[len("encoder."):]: v for k, v in load(pretrained)["model"].items() if k.startswith("encoder.")}
-    fresh = __import__("timm").create_model("convnextv2_atto", num_classes=10).state_dict()
+    fresh = timm.create_model("convnextv2_atto", num_classes=10).state_dict()
     assert set(model) - set(encoder) == {"head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias"}
     for key, value in encoder.items():
         assert torch.equal(model[key], value), key
@@ -205,3 +206,43 @@ def test_val_classes_must_be_in_train(tmp_path, folders, capsys):
     path = folders(["cat", "dog"], ["cat", "yak"])
     code, line = _bad(["--data-path", path, "--output-dir", str(tmp_path / "out")], capsys)
     assert code == 2 and "classes not in train/: yak" in line
+
+
+def test_configs():
+    """Every variant has a config that parses and validates; atto, tiny and base are the reference recipes."""
+    import glob
+
+    from fcmae.config import parse_with_config
+    from finetune.options import build_parser, validate
+    from models import VARIANTS
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "finetune", "*.yaml")))
+    assert sorted(os.path.basename(p)[:-5] for p in paths) == sorted(VARIANTS)
+    recipes = {  # reference notes, fine-tuning table: blr, epochs, warmup, layer decay, wd, drop-path, mixup, cutmix, smoothing
+        "convnextv2_atto": (2e-4, 600, 0, "single", 0.9, 0.3, 0.1, 0.0, 0.0, 0.2),
+        "convnextv2_tiny": (8e-4, 300, 40, "single", 0.9, 0.05, 0.2, 0.8, 1.0, 0.1),
+        "convnextv2_base": (6.25e-4, 100, 20, "group", 0.6, 0.05, 0.1, 0.8, 1.0, 0.1),
+    }
+    for path in paths:
+        args = parse_with_config(build_parser(), ["-c", path, "--output-dir", "unused"])
+        validate(args)
+        assert args.batch_size * args.accum_iter * 8 == 1024 and args.model_ema and args.model_ema_eval
+        got = (args.blr, args.epochs, args.warmup_epochs, args.layer_decay_type, args.layer_decay, args.weight_decay,
+               args.drop_path, args.mixup, args.cutmix, args.smoothing)
+        if args.model in recipes:
+            assert got == recipes[args.model], args.model
+        else:
+            assert "OUR CHOICE" in open(path).read(), path
+
+
+def test_randaugment_posterize_zero_bits():
+    """rand-m9-mstd0.5 sometimes asks posterize to keep 0 bits, which Pillow >= 13 rejects: a black image, as
+    older Pillow gave, instead of a crash mid-epoch."""
+    from finetune.data import train_transform
+
+    transform = train_transform((32, 32), "rand-m9-mstd0.5-inc1", 0.25)
+    ops = [op for t in transform.transforms for op in getattr(t, "ops", []) if op.name.startswith("Posterize")]
+    assert ops
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert not np.asarray(ops[0].aug_fn(img, 0)).any()
+    assert np.array_equal(np.asarray(ops[0].aug_fn(img, 4)), np.asarray(img) & 0xF0)

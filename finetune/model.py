@@ -1,0 +1,33 @@
+"""The fine-tuned network: timm's dense ConvNeXt V2, optionally initialised from an FCMAE (or other) checkpoint."""
+import timm
+import torch
+from timm.layers import trunc_normal_
+
+from models.convert import load_encoder_weights, load_into_timm
+
+HEAD_INIT_SCALE = 0.001  # reference: head weights drawn with std 0.02, then scaled by 0.001 (std 2e-5)
+
+
+def create_classifier(model_name: str, num_classes: int, drop_path: float) -> torch.nn.Module:
+    # head_init_scale gives a from-scratch model the same small head as a fine-tuned one
+    return timm.create_model(model_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
+                             head_init_scale=HEAD_INIT_SCALE)
+
+
+def reset_head(model: torch.nn.Module):
+    """Trunc-normal std 2e-5, bias 0: near-zero logits, so the pretrained features are not disturbed early on."""
+    trunc_normal_(model.head.fc.weight, std=0.02 * HEAD_INIT_SCALE)
+    torch.nn.init.zeros_(model.head.fc.bias)
+
+
+def read_pretrained(path: str, model_name=None):
+    """(model name, timm state dict) of a checkpoint in any supported layout; the decoder is dropped by the loader."""
+    return load_encoder_weights(path, model_name=model_name)
+
+
+def init_from_pretrained(model: torch.nn.Module, state_dict: dict, keep_head: bool):
+    """Strict about the encoder (every stem/stage tensor must be present and match); the head is taken from
+    the checkpoint only with keep_head, otherwise re-initialised."""
+    load_into_timm(model, state_dict, keep_head=keep_head)
+    if not keep_head:
+        reset_head(model)
