@@ -19,6 +19,7 @@ class SparseConvNeXtV2(nn.Module):
         self.stem = dense.stem
         self.stages = dense.stages
         self.grn_stats = check_grn_stats(grn_stats)
+        self.grad_checkpointing = False  # recompute each block in backward instead of storing its activations
         self.set_backend(backend)
 
     @property

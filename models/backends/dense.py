@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..grn import dense_norms, grn_apply
 from ..masking import visible_map
-from .params import layer_norm, linear
+from .params import layer_norm, linear, run_block
 
 
 class DenseBackend:
@@ -27,7 +27,7 @@ class DenseBackend:
                 x = F.conv2d(x, ds_conv.weight, ds_conv.bias, stride=2).permute(0, 2, 3, 1)
             x = x * vis
             for blk in stage.blocks:
-                x = x + self.block_branch(blk, x, vis, encoder.grn_stats)
+                x = x + run_block(encoder, self.block_branch, blk, x, vis, encoder.grn_stats)
         return x.permute(0, 3, 1, 2)
 
     @staticmethod

@@ -3,7 +3,9 @@
 atto..nano use 1x1 convs (weights (out, in, 1, 1)) where tiny..huge use Linear ((out, in)); `flatten(1)`
 gives the (out, in) matrix for both.
 """
+import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def linear(x, layer):
@@ -25,3 +27,10 @@ def downsample_as_linear(conv):
     weight (Cout, Cin, 2, 2) -> (Cout, 4 * Cin) with input index (kh * 2 + kw) * Cin + cin."""
     w = conv.weight
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), conv.bias
+
+
+def run_block(encoder, branch, *args):
+    """A block's residual branch, recomputed in backward when the encoder's grad_checkpointing is on."""
+    if encoder.grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(branch, *args, use_reentrant=False)
+    return branch(*args)
