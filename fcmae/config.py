@@ -23,6 +23,16 @@ def add(target, *names, **kwargs):
     return target.add_argument(*names, **kwargs)
 
 
+def add_speed_options(g):
+    """Memory/speed switches shared with the fine-tune CLI."""
+    add(g, "--grad-checkpointing", action="store_true",
+        help="recompute each encoder block in backward instead of storing its activations (less memory, ~30%% slower)")
+    add(g, "--channels-last", action="store_true", help="channels-last memory format for images and conv weights")
+    add(g, "--compile", action="store_true", help="torch.compile the model (pretraining: the decoder only, unless --backend dense; the first steps are "
+             "slow while it compiles)")
+
+
+
 class ArgParser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)

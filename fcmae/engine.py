@@ -16,6 +16,10 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def channels_last(micro_batches):
+    return [(imgs.contiguous(memory_format=torch.channels_last), other) for imgs, other in micro_batches]
+
+
 def train_step(model, micro_batches, optimizer, scaler, device, amp: str, clip_grad=None, step: int = 0):
     """Accumulate gradients over `micro_batches` (a list of (images, masks)), then take one optimiser step.
     Returns (mean loss, grad norm). The loss of each micro-batch is divided by their number, so k micro-batches

@@ -22,10 +22,10 @@ from models.variants import get_variant
 
 from . import checkpoint as ckpt
 from .cli import check_writable_dir, run_cli, setup_logging
-from .config import ArgParser, add, UsageError, input_size, parse_with_config, to_yaml
+from .config import ArgParser, add, add_speed_options, UsageError, input_size, parse_with_config, to_yaml
 from .data import EpochSampler, FashionMNIST, MaskedImages, SeededDataset, image_folder, pretrain_transform
 from .distributed import all_reduce_mean, cleanup, init_distributed
-from .engine import NonFiniteLoss, train_step
+from .engine import NonFiniteLoss, channels_last, train_step
 from .progress import Progress
 from .visualize import reconstruction_grid
 
@@ -67,6 +67,7 @@ def build_parser() -> ArgParser:
     add(g, "--weight-decay", type=float, default=0.05)
     add(g, "--clip-grad", type=float, default=None)
     add(g, "--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision (loss stays float32)")
+    add_speed_options(g)
     g = p.add_argument_group("run")
     add(g, "--output-dir", default="output/pretrain")
     add(g, "--resume", default="auto", help="'auto' (newest loadable checkpoint in --output-dir), a path, or 'none'")
@@ -188,10 +189,17 @@ def train(args, dist_info, dataset):
     model = create_fcmae(args.model, backend=args.backend, grn_stats=args.grn_stats, mask_ratio=args.mask_ratio,
                          decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
                          norm_pix_loss=args.norm_pix_loss).to(device)
+    model.encoder.grad_checkpointing = args.grad_checkpointing
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     model_without_ddp = model
     if dist_info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    if args.compile:
+        # in place, so state-dict keys do not change; the sparse and minkowski encoders have data-dependent
+        # shapes (one row per visible site) that torch.compile cannot trace, so there only the decoder is compiled
+        (model_without_ddp if args.backend == "dense" else model_without_ddp.decoder).compile()
     optimizer = build_optimizer(model_without_ddp, args, dist_info.world_size)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -234,6 +242,8 @@ def train(args, dist_info, dataset):
         batches = iter(DataLoader(dataset, sampler=sampler, **loader_kwargs))
         for _ in range(done_in_epoch, steps_per_epoch):
             micro = [next(batches) for _ in range(args.accum_iter)]
+            if args.channels_last:
+                micro = channels_last(micro)
             scheduler.step_update(step)
             t0 = time.time()
             try:

@@ -27,7 +27,7 @@ from fcmae.cli import run_cli, setup_logging
 from fcmae.config import UsageError, parse_with_config, to_yaml
 from fcmae.data import EpochSampler, SeededDataset
 from fcmae.distributed import all_reduce_mean, cleanup, init_distributed
-from fcmae.engine import NonFiniteLoss, train_step
+from fcmae.engine import NonFiniteLoss, channels_last, train_step
 from fcmae.pretrain import StopRequest, build_scheduler
 from fcmae.progress import Progress
 from models.convert import CheckpointError, read_checkpoint
@@ -263,12 +263,17 @@ def train(args, dist_info) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     setup_logging(args.output_dir, dist_info.is_main)
     model.to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     mixup_fn, criterion = build_criterion(args)
     net = WithLoss(model, criterion)
     if dist_info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
     optimizer = build_optimizer(model, args, dist_info.world_size)
     scheduler = build_scheduler(optimizer, args, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -327,6 +332,8 @@ def train(args, dist_info) -> dict:
             # processes (the checkpoint's "rng" holds only rank 0's state, so it is not restored).
             seed_all(args.seed, dist_info.rank, step)
             micro = mix(micro, mixup_fn)
+            if args.channels_last:
+                micro = channels_last(micro)
             scheduler.step_update(step)
             t0 = time.time()
             try:

@@ -8,7 +8,7 @@ import os
 import torch
 
 from fcmae.cli import check_writable_dir
-from fcmae.config import ArgParser, UsageError, add, input_size
+from fcmae.config import ArgParser, UsageError, add, add_speed_options, input_size
 from finetune.layer_decay import LAYER_DECAY_TYPES
 from models import VARIANTS
 from models.variants import get_variant
@@ -62,6 +62,7 @@ def build_parser() -> ArgParser:
         help="'single': one id per block; 'group': 12 groups of three blocks (base and up)")
     add(g, "--clip-grad", type=float, default=None)
     add(g, "--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision (loss stays float32)")
+    add_speed_options(g)
     add(g, "--model-ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights")
     add(g, "--model-ema-decay", type=float, default=0.9999)
     add(g, "--model-ema-eval", action=argparse.BooleanOptionalAction, default=True,
