@@ -1,0 +1,447 @@
+"""Benchmark FCMAE pretraining steps per encoder backend against timm's plain supervised step.
+
+    python -m tools.benchmark                   # the target configuration: atto, 224x224, batch 32, mask 0.6
+    python -m tools.benchmark --scaling         # the README scaling table (sparse vs dense), as markdown
+    python -m tools.benchmark --variants atto tiny --input-sizes 128 192x256 --batch-sizes 8 --json out.json
+
+Candidates, each one full optimiser step on a fixed synthetic batch (same seed, same images and masks):
+  sparse, dense, minkowski  FCMAE pretraining step (fcmae.engine.train_step, AdamW from fcmae.pretrain) per backend;
+                            minkowski only where MinkowskiEngine imports
+  timm                      a bare supervised step of timm's dense model of the same variant: cross-entropy, AdamW
+  finetune                  our fine-tuning step: the timm classifier wrapped as finetune does (WithLoss, layer-decay
+                            AdamW from finetune, fcmae.engine.train_step)
+
+Timing: candidates are interleaved over rounds (the order rotates every round), so load drift on a shared machine
+hits them alike; a first warm-up round is discarded. Reported: median, min, max, images/s.
+Peak memory: the peak above the pre-step baseline over two steps (optimizer state, gradients, activations). On CPU
+each candidate runs in its own fresh process, so peaks cannot mix (RSS high-water mark; /proc/self/clear_refs
+resets it after the model is built); on CUDA torch.cuda.max_memory_allocated after a reset.
+"""
+import argparse
+import gc
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+# timm, models, fcmae and finetune are imported where used: `main` starts the memory processes' fork server first,
+# so that it imports them (seconds) while this process does the same, not after
+
+BACKENDS = ("sparse", "dense", "minkowski")
+CANDIDATES = BACKENDS + ("timm", "finetune")
+MEMORY_STEPS = 2  # the first step also allocates the optimiser state
+MEMORY_PROCESSES = 2  # memory processes run side by side (peaks are per process, so they do not mix)
+
+# (numerator, denominator, what, target test, target text): sparse/x < 1 means sparse is faster / smaller
+RATIOS = {
+    "sparse_over_dense_time": ("sparse", "dense", "time", lambda r: r <= 0.5, "<= 0.50 (>= 2.0x faster)"),
+    "sparse_over_minkowski_time": ("sparse", "minkowski", "time", lambda r: r <= 0.4, "<= 0.40 (>= 2.5x faster)"),
+    "sparse_over_timm_supervised_time": ("sparse", "timm", "time", lambda r: r <= 0.5, "<= 0.50"),
+    "sparse_over_dense_peak_memory": ("sparse", "dense", "memory", lambda r: r <= 0.6, "<= 0.60"),
+    "finetune_over_bare_timm_time": ("finetune", "timm", "time", lambda r: abs(r - 1) <= 0.05, "1.00 +- 0.05"),
+}
+
+# --scaling: one axis at a time around the base point (the first value of each list)
+SCALING = {"variants": ["atto", "tiny", "base"], "input_sizes": [(224, 224), (128, 128), (384, 384)],
+           "mask_ratios": [0.6, 0.4, 0.75], "batch_sizes": [8], "rounds": 2}
+DEFAULTS = {"variants": ["atto"], "input_sizes": [(224, 224)], "mask_ratios": [0.6], "batch_sizes": [32], "rounds": 5}
+
+
+def quiet():
+    warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY")
+
+
+def minkowski_available() -> bool:
+    from models.minkowski_compat import import_minkowski
+
+    try:
+        import_minkowski()
+        return True
+    except ImportError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Candidates
+
+
+def build(name: str, cfg: dict, device: torch.device):
+    """A zero-argument function running one optimiser step of candidate `name` on a fixed synthetic batch."""
+    from argparse import Namespace
+
+    import timm
+
+    from fcmae.engine import train_step
+    from models import create_fcmae, random_mask
+    from models.masking import mask_grid
+    from models.variants import get_variant
+
+    torch.manual_seed(0)  # the same initial weights for every FCMAE backend, the same images for everyone
+    model_name = get_variant(cfg["variant"]).name
+    (h, w), batch = cfg["input_size"], cfg["batch_size"]
+    imgs = torch.randn(batch, 3, h, w).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    if name in BACKENDS:
+        from fcmae.pretrain import build_optimizer
+
+        rows, cols = mask_grid(h, w)
+        mask = random_mask(batch, rows * cols, cfg["mask_ratio"], generator=torch.Generator().manual_seed(0))
+        model = create_fcmae(model_name, backend=name, mask_ratio=cfg["mask_ratio"]).to(device)
+        args = Namespace(batch_size=batch, accum_iter=1, blr=1.5e-4, lr=None, weight_decay=0.05)
+        optimizer = build_optimizer(model, args, 1)
+        micro = [(imgs, mask.to(device))]
+        return lambda: train_step(model, micro, optimizer, scaler, device, "none")
+    labels = torch.randint(0, 1000, (batch,)).to(device)
+    if name == "timm":
+        model = timm.create_model(model_name, num_classes=1000).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(imgs), labels).backward()
+            optimizer.step()
+
+        return step
+    if name == "finetune":
+        from finetune.__main__ import build_optimizer
+        from finetune.engine import WithLoss
+        from finetune.model import create_classifier
+
+        model = create_classifier(model_name, 1000, 0.0).to(device)
+        net = WithLoss(model, torch.nn.CrossEntropyLoss())
+        args = Namespace(batch_size=batch, accum_iter=1, blr=2e-4, lr=None, model=model_name, weight_decay=0.05,
+                         layer_decay=0.9, layer_decay_type="single")
+        optimizer = build_optimizer(model, args, 1)
+        micro = [(imgs, labels)]
+        return lambda: train_step(net, micro, optimizer, scaler, device, "none")
+    raise ValueError(f"unknown candidate {name}")
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_rounds(steps: dict, rounds: int, device: torch.device, errors: dict) -> dict:
+    """Seconds per step of every candidate over `rounds` interleaved rounds. A candidate that fails is recorded in
+    `errors` and dropped."""
+    times = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:  # rotate, so no candidate always follows the same one
+            if name in errors:
+                continue
+            sync(device)
+            t0 = time.perf_counter()
+            try:
+                steps[name]()
+            except Exception as e:  # e.g. a MinkowskiEngine built without CUDA, run with --device cuda
+                errors[name] = f"{type(e).__name__}: {e}"
+                continue
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak memory
+
+
+def _proc_status_kb(field: str):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss():
+    try:  # Linux: "5" resets the RSS high-water mark to the current RSS (peaks of model construction are dropped)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    peak = _proc_status_kb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _memory_child(name, cfg, threads, conn):
+    """Runs in a fresh process: build one candidate, run MEMORY_STEPS steps, send its peak."""
+    quiet()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        step = build(name, cfg, torch.device("cpu"))
+        gc.collect()
+        _reset_peak_rss()
+        base = _proc_status_kb("VmRSS") or 0
+        for _ in range(MEMORY_STEPS):
+            step()
+        peak = _peak_rss()
+        conn.send({"peak_memory_bytes": peak - base, "peak_rss_bytes": peak})
+    except Exception as e:  # reported in the table, the other candidates still run
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+    finally:
+        conn.close()
+
+
+def _process_context():
+    """A fork server that has imported torch, timm and our packages (so children start in a second, not in the
+    seven it takes to import them) but never ran an op: forking a process that has used OpenMP hangs the child.
+    Spawn where there is no fork server."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # not this module itself: a child re-runs `python -m tools.benchmark`'s main module, and runpy warns when it
+    # finds that module already imported
+    ctx.set_forkserver_preload(["torch", "timm", "models", "fcmae.engine", "fcmae.pretrain", "finetune.__main__"])
+    return ctx
+
+
+def start_process_context():
+    """Start the fork server now: it imports torch and timm while the main process builds its candidates."""
+    ctx = _process_context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    return ctx
+
+
+def measure_memory(names, cfg, device, threads, ctx) -> dict:
+    if device.type == "cuda":
+        out = {}
+        for name in names:
+            gc.collect()
+            torch.cuda.empty_cache()
+            step = None
+            try:
+                step = build(name, cfg, device)
+                sync(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                for _ in range(MEMORY_STEPS):
+                    step()
+                sync(device)
+                peak = torch.cuda.max_memory_allocated(device)
+                out[name] = {"peak_memory_bytes": peak - base, "peak_allocated_bytes": peak}
+            except Exception as e:
+                out[name] = {"error": f"{type(e).__name__}: {e}"}
+            del step
+        return out
+    out = {}
+    for i in range(0, len(names), MEMORY_PROCESSES):  # a few at a time: each holds a whole model and its batch
+        running = []
+        for name in names[i:i + MEMORY_PROCESSES]:
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_memory_child, args=(name, cfg, threads, send))
+            proc.start()
+            send.close()
+            running.append((name, proc, recv))
+        for name, proc, recv in running:
+            try:
+                out[name] = recv.recv()
+            except EOFError:  # killed, e.g. out of memory
+                out[name] = {"error": f"memory process died (exit code {proc.exitcode})"}
+            proc.join()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# One configuration
+
+
+def run_config(cfg: dict, names, rounds: int, device, threads, ctx) -> dict:
+    steps, errors = {}, {}
+    for name in names:
+        try:
+            steps[name] = build(name, cfg, device)
+        except Exception as e:
+            errors[name] = f"{type(e).__name__}: {e}"
+    time_rounds(steps, 1, device, errors)  # warm-up, discarded
+    # memory between warm-up and timed rounds: the fork server imports while the candidates are built and warmed
+    # up, and is idle (not competing for the cores) during the timed rounds
+    memory = measure_memory([n for n in steps if n not in errors], cfg, device, threads, ctx)
+    times = time_rounds(steps, rounds, device, errors)
+    del steps
+    gc.collect()
+    results = {}
+    for name in names:
+        if name in errors:
+            results[name] = {"error": errors[name]}
+            continue
+        t = times[name]
+        med = statistics.median(t)
+        results[name] = {"times_s": t, "median_s": med, "min_s": min(t), "max_s": max(t),
+                         "images_per_s": cfg["batch_size"] / med, **memory.get(name, {})}
+    ratios, targets = {}, {}
+    for key, (num, den, what, test, text) in RATIOS.items():
+        field = "median_s" if what == "time" else "peak_memory_bytes"
+        a, b = results.get(num, {}).get(field), results.get(den, {}).get(field)
+        ratios[key] = a / b if a is not None and b else None
+        targets[key] = {"target": text, "met": None if ratios[key] is None else bool(test(ratios[key]))}
+    return {**cfg, "input_size": list(cfg["input_size"]), "device": device.type, "rounds": rounds,
+            "candidates": results, "ratios": ratios, "targets": targets}
+
+
+def print_config(res: dict):
+    h, w = res["input_size"]
+    print(f"\n{res['variant']} {h}x{w}, batch {res['batch_size']}, mask ratio {res['mask_ratio']} "
+          f"({res['device']}, {torch.get_num_threads()} threads, {res['rounds']} timed rounds)")
+    print(f"{'candidate':<11}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'images/s':>10}{'peak MiB':>10}")
+    for name, r in res["candidates"].items():
+        if "median_s" not in r:
+            print(f"{name:<11}  unavailable: {r['error']}")
+            continue
+        mem = r.get("peak_memory_bytes")
+        mem = f"{mem / 2 ** 20:10.0f}" if mem is not None else f"{'n/a':>10}"
+        print(f"{name:<11}{r['median_s'] * 1e3:11.0f}{r['min_s'] * 1e3:9.0f}{r['max_s'] * 1e3:9.0f}"
+              f"{r['images_per_s']:10.1f}{mem}" + (f"  (memory: {r['error']})" if "error" in r else ""))
+    print(f"{'ratio':<36}{'measured':>9}  target")
+    for key, value in res["ratios"].items():
+        if value is not None:  # None: a candidate of the ratio was not run (or failed)
+            verdict = "met" if res["targets"][key]["met"] else "MISSED"
+            print(f"{key:<36}{value:9.3f}  {res['targets'][key]['target']:<26}{verdict}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Scaling table
+
+
+def scaling_configs(variants, sizes, ratios, batch):
+    """Vary one of variant / input size / mask ratio at a time, the others at the base point (first values)."""
+    base = {"variant": variants[0], "input_size": sizes[0], "batch_size": batch, "mask_ratio": ratios[0]}
+    configs = [dict(base)]
+    for key, values in (("variant", variants), ("input_size", sizes), ("mask_ratio", ratios)):
+        configs += [{**base, key: v} for v in values[1:]]
+    return configs
+
+
+def scaling_table(results) -> str:
+    lines = ["| variant | input | mask ratio | batch | sparse step (ms) | dense step (ms) | dense / sparse time "
+             "| sparse peak (MiB) | dense peak (MiB) | sparse / dense memory |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        s, d = res["candidates"]["sparse"], res["candidates"]["dense"]
+
+        def mb(r):
+            return f"{r['peak_memory_bytes'] / 2 ** 20:.0f}" if r.get("peak_memory_bytes") is not None else "n/a"
+
+        def ms(r):
+            return f"{r['median_s'] * 1e3:.0f}" if "median_s" in r else "n/a"
+
+        speed = f"{d['median_s'] / s['median_s']:.2f}x" if "median_s" in s and "median_s" in d else "n/a"
+        mem = res["ratios"]["sparse_over_dense_peak_memory"]
+        lines.append(f"| {res['variant']} | {res['input_size'][0]}x{res['input_size'][1]} | {res['mask_ratio']} "
+                     f"| {res['batch_size']} | {ms(s)} | {ms(d)} | {speed} | {mb(s)} | {mb(d)} "
+                     f"| {'n/a' if mem is None else f'{mem:.2f}'} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_size(text: str):
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def split_list(values, convert):
+    return [convert(v) for item in values for v in item.split(",") if v]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", help="e.g. atto tiny (or atto,tiny); default atto")
+    p.add_argument("--input-sizes", nargs="+", help="224 or HxW, e.g. 192x256; default 224")
+    p.add_argument("--batch-sizes", nargs="+", help="default 32 (8 with --scaling)")
+    p.add_argument("--mask-ratios", nargs="+", help="default 0.6")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up (default 5; 2 with --scaling)")
+    p.add_argument("--json", metavar="PATH", help="write every figure and ratio to PATH")
+    p.add_argument("--scaling", action="store_true",
+                   help="sparse vs dense step time and memory vs variant (atto/tiny/base), input (128/224/384) and "
+                        "mask ratio (0.4/0.6/0.75), one axis at a time; prints a markdown table")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet()
+    device = torch.device(args.device)
+    ctx = start_process_context() if device.type == "cpu" else None
+    from models.masking import mask_grid, num_visible
+    from models.variants import get_variant
+
+    defaults = SCALING if args.scaling else DEFAULTS
+    rounds = args.rounds if args.rounds is not None else defaults["rounds"]
+    try:  # fail now on bad input, not after minutes of measurements
+        variants = split_list(args.variants, str) if args.variants else defaults["variants"]
+        sizes = split_list(args.input_sizes, parse_size) if args.input_sizes else defaults["input_sizes"]
+        batches = split_list(args.batch_sizes, int) if args.batch_sizes else defaults["batch_sizes"]
+        ratios = split_list(args.mask_ratios, float) if args.mask_ratios else defaults["mask_ratios"]
+        for v in variants:
+            get_variant(v)
+        for h, w in sizes:
+            rows, cols = mask_grid(h, w)
+            for r in ratios:
+                num_visible(rows * cols, r)
+        if rounds < 1 or min(batches) < 1:
+            raise ValueError("--rounds and --batch-sizes must be >= 1")
+    except ValueError as e:
+        parser.error(str(e))
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return run(args, variants, sizes, batches, ratios, rounds, device, ctx)
+    finally:
+        torch.set_num_threads(threads_before)  # main() may be called from other code (tests)
+
+
+def run(args, variants, sizes, batches, ratios, rounds, device, ctx):
+    import timm
+
+    if args.scaling:
+        names = ["sparse", "dense"]
+        configs = [c for b in batches for c in scaling_configs(variants, sizes, ratios, b)]
+    else:
+        names = [n for n in CANDIDATES if n != "minkowski" or minkowski_available()]
+        configs = [{"variant": v, "input_size": s, "batch_size": b, "mask_ratio": r}
+                   for v in variants for s in sizes for b in batches for r in ratios]
+    results = []
+    for cfg in configs:
+        res = run_config(cfg, names, rounds, device, args.threads, ctx)
+        print_config(res)
+        sys.stdout.flush()
+        results.append(res)
+    report = {"torch": torch.__version__, "timm": timm.__version__, "device": str(device),
+              "threads": torch.get_num_threads(), "candidates": names, "results": results}
+    if args.scaling:
+        report["scaling_table"] = scaling_table(results)
+        print("\n" + report["scaling_table"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
