@@ -2,7 +2,8 @@
 
 Files are `checkpoint-<step>.pth` in the output dir; the newest `keep` are kept. A checkpoint is written to a
 temporary file, flushed and fsynced, then renamed over the target, so a kill or a full disk never leaves a
-half-written checkpoint under a real name and the previous one stays valid.
+half-written checkpoint under a real name and the previous one stays valid. A write that fails (full disk,
+quota, lost mount) stops the run with exit code 4 and a message naming the checkpoint that is still good.
 """
 import glob
 import logging
@@ -14,13 +15,19 @@ import tempfile
 import numpy as np
 import torch
 
+from models.convert import CheckpointError, read_checkpoint
+
+from .cli import RunStopped
+
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+TMP_PREFIX = ".tmp-"
+EXIT_WRITE_FAILED = 4
 
 
 def atomic_save(obj, path: str):
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -39,8 +46,14 @@ def atomic_save(obj, path: str):
 
 
 def load(path: str):
-    """Never executes code from the file (weights_only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Never executes code from the file (weights_only); a broken file is a one-line CheckpointError."""
+    return read_checkpoint(path)
+
+
+def remove_stale_temporaries(output_dir: str):
+    """Temporary files of writes cut short by a kill: never valid checkpoints, only taking space."""
+    for p in glob.glob(os.path.join(output_dir, TMP_PREFIX + "*.pth")):
+        os.remove(p)
 
 
 def list_checkpoints(output_dir: str):
@@ -58,17 +71,28 @@ def latest_loadable(output_dir: str):
     for path in list_checkpoints(output_dir):
         try:
             return path, load(path)
-        except Exception as e:  # truncated, corrupt or not a checkpoint: fall back to the previous one
-            log.warning("skipping unreadable checkpoint %s: %s", path, str(e).splitlines()[0] if str(e) else e)
+        except CheckpointError as e:  # truncated, corrupt or not a checkpoint: fall back to the previous one
+            log.warning("skipping unreadable checkpoint: %s", e)
     return None, None
 
 
 def save_training_state(output_dir: str, step: int, state: dict, keep: int = 2) -> str:
     path = os.path.join(output_dir, f"checkpoint-{step:08d}.pth")
-    atomic_save(state, path)
+    save_or_stop(state, path)
     for old in list_checkpoints(output_dir)[keep:]:
         os.remove(old)
     return path
+
+
+def save_or_stop(state: dict, path: str):
+    """atomic_save, or stop the run with a message naming the newest checkpoint that is still valid."""
+    try:
+        atomic_save(state, path)
+    except OSError as e:
+        previous = [p for p in list_checkpoints(os.path.dirname(path) or ".") if p != path]
+        kept = f"the previous checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
+        raise RunStopped(f"could not write checkpoint {path}: {e.strerror or e}; {kept}. Free space (or fix the "
+                         "output dir) and rerun the same command to resume", EXIT_WRITE_FAILED) from None
 
 
 def rng_state() -> dict:

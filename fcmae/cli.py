@@ -1,14 +1,31 @@
-"""Pieces shared by the command-line entry points: logging, errors as one line + exit code 2, output dir checks."""
+"""Pieces shared by the command-line entry points: logging, errors as one line + exit code, output dir checks.
+
+Exit codes: 0 finished (or stopped by SIGTERM/SIGINT after saving), 2 bad input (arguments, data, checkpoints),
+3 non-finite loss or gradient, 4 a checkpoint could not be written (the previous one stays valid).
+"""
 import logging
 import os
 import sys
+import tempfile
 
 from .config import UsageError
 from .data import DataError
 
 
+class RunStopped(RuntimeError):
+    """A run that cannot go on: one-line message, its own exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def setup_logging(output_dir=None, main_process: bool = True):
-    handlers = [logging.StreamHandler(sys.stdout)]
+    """Progress to stdout, warnings and errors to stderr, everything to `output_dir`/log.txt."""
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    handlers = [out, err]
     if output_dir and main_process:
         handlers.append(logging.FileHandler(os.path.join(output_dir, "log.txt")))
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, handlers=handlers, force=True,
@@ -22,17 +39,32 @@ def check_writable_dir(path: str):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise UsageError(f"output dir {path}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"output dir {path} is not writable")
+    try:  # a real write (removed at once): permission bits alone say nothing for root or read-only mounts
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UsageError(f"output dir {path} is not writable ({e.strerror})") from None
+
+
+def report_error(message: str):
+    """One `error: ...` line on stderr; in a running job also in log.txt, which should say why the run stopped."""
+    print(f"error: {message}", file=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord("fcmae", logging.ERROR, __file__, 0, f"error: {message}", None, None))
 
 
 def run_cli(main_fn, argv=None) -> int:
-    """Run `main_fn(argv)`; bad input becomes `error: <message>` on stderr and exit code 2, with no traceback."""
+    """Run `main_fn(argv)`; bad input (also data that turns out bad mid-run) becomes `error: <message>` and exit
+    code 2, a stopped run its own code, with no traceback."""
     from models.convert import CheckpointError
 
     try:
         main_fn(argv)
     except (UsageError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(str(e))
         return 2
+    except RunStopped as e:
+        report_error(str(e))
+        return e.exit_code
     return 0

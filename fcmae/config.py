@@ -32,11 +32,29 @@ def add_speed_options(g):
              "slow while it compiles)")
 
 
+def add_bad_image_options(g):
+    """What unreadable files in a --data-path folder do (fcmae/images.py); shared with the fine-tune CLI."""
+    add(g, "--bad-image", default="skip", choices=["skip", "error"],
+        help="an unreadable image file: 'skip' it (replaced by the next file that loads, logged once) or 'error' "
+             "(stop at the first)")
+    add(g, "--max-bad-fraction", type=float, default=0.01, metavar="F",
+        help="stop once more than this fraction of a folder's images turned out unreadable (0 to 1, default 0.01)")
+
+
+def check_bad_image_options(args):
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise UsageError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+
+
+def add_skip_nonfinite(g):
+    add(g, "--skip-nonfinite", type=int, default=0, metavar="K",
+        help="skip up to K steps whose loss or gradient is not finite (default 0: the first one stops the run, "
+             "exit code 3, leaving the last checkpoint untouched)")
+
 
 class ArgParser(argparse.ArgumentParser):
     def error(self, message):
-        self.print_usage(sys.stderr)
-        raise UsageError(message)
+        raise UsageError(f"{message} (see --help)")  # one line, no usage dump
 
 
 def parse_with_config(parser: ArgParser, argv=None) -> argparse.Namespace:

@@ -62,19 +62,14 @@ class FashionMNIST(Dataset):
         return img, int(self.targets[i])
 
 
-def image_folder(root: str, transform=None, class_to_idx=None):
-    """A folder of images, with or without class subfolders (timm's reader). Errors before any work starts."""
-    from timm.data import ImageDataset
+def image_folder(root: str, transform=None, class_to_idx=None, input_size=None, bad_image: str = "skip",
+                 max_bad_fraction: float = 0.01):
+    """A folder of images, with or without class subfolders (timm's reader), decoded to RGB with unreadable files
+    skipped and counted (fcmae/images.py). A missing folder or one without images is a DataError, raised here."""
+    from .images import ImageFiles  # imports this module
 
-    if not os.path.isdir(root):
-        raise DataError(f"data folder not found: {root}")
-    try:
-        ds = ImageDataset(root, transform=transform, class_map=class_to_idx or "")
-    except RuntimeError as e:  # timm raises RuntimeError for a folder with no images
-        raise DataError(f"no images found in {root}: {e}") from None
-    if len(ds) == 0:
-        raise DataError(f"no images found in {root}")
-    return ds
+    return ImageFiles(root, transform=transform, class_to_idx=class_to_idx, input_size=input_size,
+                      bad_image=bad_image, max_bad_fraction=max_bad_fraction)
 
 
 def pretrain_transform(input_size):

@@ -1,6 +1,12 @@
-"""torch.distributed set-up from torchrun's or SLURM's environment; a no-op in a single process."""
+"""torch.distributed set-up from torchrun's or SLURM's environment; a no-op in a single process.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under `srun` (no torchrun) the same
+come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, and the rendezvous host is the first node of
+SLURM_JOB_NODELIST (MASTER_PORT defaults to 29500; set it when several jobs share a node).
+"""
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -29,16 +35,31 @@ def _env_int(*names):
     return None
 
 
+def world_size_from_env() -> int:
+    """The number of processes this run will have, read before joining the group (for checks on user input)."""
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07', 'node1,node2' -> 'node1'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = m.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
 def init_distributed(device: str) -> DistInfo:
     """Join the process group described by torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or srun (SLURM_PROCID/...)."""
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+    world = world_size_from_env()
     if world == 1:
         return DistInfo()
     rank = _env_int("RANK", "SLURM_PROCID")
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    os.environ.setdefault("MASTER_ADDR", first_slurm_host(nodelist) if nodelist else "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
@@ -55,11 +76,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
-
-
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def cleanup():

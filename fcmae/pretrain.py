@@ -21,11 +21,14 @@ from models.masking import mask_grid, num_visible
 from models.variants import get_variant
 
 from . import checkpoint as ckpt
+from . import monitor
 from .cli import check_writable_dir, run_cli, setup_logging
-from .config import ArgParser, add, add_speed_options, UsageError, input_size, parse_with_config, to_yaml
+from .config import (ArgParser, UsageError, add, add_bad_image_options, add_skip_nonfinite, add_speed_options,
+                     check_bad_image_options, input_size, parse_with_config, to_yaml)
 from .data import EpochSampler, FashionMNIST, MaskedImages, SeededDataset, image_folder, pretrain_transform
-from .distributed import all_reduce_mean, cleanup, init_distributed
-from .engine import NonFiniteLoss, channels_last, train_step
+from .distributed import all_reduce_mean, cleanup, init_distributed, world_size_from_env
+from .engine import NonFiniteGuard, channels_last, train_step
+from .images import BadImageMonitor
 from .progress import Progress
 from .visualize import reconstruction_grid
 
@@ -55,6 +58,7 @@ def build_parser() -> ArgParser:
           help="built-in dataset, used when --data-path is not given (Debian's dataset-fashion-mnist)")
     add(g, "--data-path", default=None, help="folder of images, with or without class subfolders (labels unused)")
     add(g, "--num-workers", type=int, default=2)
+    add_bad_image_options(g)
     g = p.add_argument_group("optimisation")
     add(g, "--batch-size", type=int, default=64, help="images per process per micro-batch")
     add(g, "--accum-iter", type=int, default=1, help="micro-batches per optimiser step")
@@ -68,6 +72,7 @@ def build_parser() -> ArgParser:
     add(g, "--clip-grad", type=float, default=None)
     add(g, "--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision (loss stays float32)")
     add_speed_options(g)
+    add_skip_nonfinite(g)
     g = p.add_argument_group("run")
     add(g, "--output-dir", default="output/pretrain")
     add(g, "--resume", default="auto", help="'auto' (newest loadable checkpoint in --output-dir), a path, or 'none'")
@@ -102,6 +107,13 @@ def validate(args):
         raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.warmup_epochs < 0:
         raise UsageError("--warmup-epochs must be >= 0")
+    if args.skip_nonfinite < 0:
+        raise UsageError(f"--skip-nonfinite must be >= 0, got {args.skip_nonfinite}")
+    check_bad_image_options(args)
+    if args.save_every_steps is not None and args.save_every_steps < 1:
+        raise UsageError(f"--save-every-steps must be >= 1, got {args.save_every_steps}")
+    if args.keep_checkpoints < 1:
+        raise UsageError(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
     if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
         raise UsageError(f"--resume checkpoint not found: {args.resume}")
     if args.backend == "minkowski":
@@ -119,7 +131,8 @@ def validate(args):
 def build_dataset(args):
     transform = pretrain_transform(args.input_size)
     if args.data_path:
-        return image_folder(args.data_path, transform=transform)
+        return image_folder(args.data_path, transform=transform, input_size=args.input_size,
+                            bad_image=args.bad_image, max_bad_fraction=args.max_bad_fraction)
     return FashionMNIST("train", transform=transform)
 
 
@@ -153,19 +166,41 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
 
+def epoch_steps(num_images: int, args, world_size: int) -> int:
+    """Optimiser steps in one pass over the data: each process takes ceil(images / processes) of it
+    (EpochSampler), in micro-batches of --batch-size, --accum-iter of them per step."""
+    steps = -(-num_images // world_size) // args.batch_size // args.accum_iter
+    if steps < 1:
+        raise UsageError(f"{num_images} images give no full step of {args.batch_size} (batch) x {args.accum_iter} "
+                         f"(accumulation) x {world_size} processes; lower --batch-size or --accum-iter, or add images")
+    return steps
+
+
+def explicit_resume(args):
+    """`--resume PATH`: read and check it now, so a wrong file stops the run before anything is written."""
+    if args.resume in ("auto", "none"):
+        return None
+    state = ckpt.load(args.resume)
+    check_resumable(state, args, args.resume)
+    return state
+
+
 def main(argv=None):
     parser = build_parser()
     args = parse_with_config(parser, argv)
     validate(args)
-    dataset = build_dataset(args)  # a missing or empty data folder fails here, before anything is written
+    # Everything that can fail on user input, before anything is written or a process group is joined:
+    dataset = build_dataset(args)  # a missing or empty data folder
+    epoch_steps(len(dataset), args, world_size_from_env())  # too few images for one step of every process
+    state = explicit_resume(args)  # a missing, broken or mismatched checkpoint
     dist_info = init_distributed(args.device)
     try:
-        train(args, dist_info, dataset)
+        train(args, dist_info, dataset, state)
     finally:
         cleanup()
 
 
-def train(args, dist_info, dataset):
+def train(args, dist_info, dataset, state=None):
     device = torch.device(args.device if not args.device.startswith("cuda") or not dist_info.enabled
                           else f"cuda:{dist_info.local_rank}")
     os.makedirs(args.output_dir, exist_ok=True)
@@ -177,11 +212,7 @@ def train(args, dist_info, dataset):
     grid = mask_grid(*args.input_size)
     dataset = SeededDataset(MaskedImages(dataset, grid[0] * grid[1], args.mask_ratio), seed=args.seed)
     sampler = EpochSampler(len(dataset), seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size)
-    micro_per_epoch = sampler.num_samples // args.batch_size
-    steps_per_epoch = micro_per_epoch // args.accum_iter
-    if steps_per_epoch < 1:
-        raise UsageError(f"{len(dataset)} images give no full step of {args.batch_size} x {args.accum_iter} "
-                         f"x {dist_info.world_size} processes; lower --batch-size or --accum-iter")
+    steps_per_epoch = epoch_steps(len(dataset), args, dist_info.world_size)
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -205,18 +236,21 @@ def train(args, dist_info, dataset):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     step, history = 0, []
-    path, state = (None, None)
+    path = args.resume
     if args.resume == "auto":
         path, state = ckpt.latest_loadable(args.output_dir)
-    elif args.resume != "none":
-        path, state = args.resume, ckpt.load(args.resume)
+        if state is not None:
+            check_resumable(state, args, path)
     if state is not None:
-        step, history = resume(state, model_without_ddp, optimizer, scaler, args)
+        step, history = resume(state, model_without_ddp, optimizer, scaler)
         log.info("resumed from %s at step %d", path, step)
     if dist_info.is_main:
+        ckpt.remove_stale_temporaries(args.output_dir)
         with open(os.path.join(args.output_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(args))
-    writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard")) if dist_info.is_main else None
+    # purge_step: events a killed run logged after its last checkpoint are dropped, not shown twice
+    writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"), purge_step=step or None) \
+        if dist_info.is_main else None
     log.info("pretraining %s (%s backend, grn %s) on %d images at %s, mask %.2f, %d steps/epoch, %d steps",
              args.model, args.backend, args.grn_stats, len(dataset), "x".join(map(str, args.input_size)),
              args.mask_ratio, steps_per_epoch, total_steps)
@@ -231,8 +265,14 @@ def train(args, dist_info, dataset):
         log.info("saved %s", ckpt.save_training_state(args.output_dir, step_now, state, args.keep_checkpoints))
 
     stop = StopRequest()
+    guard = NonFiniteGuard(args.skip_nonfinite)
+    bad_images = BadImageMonitor(dataset)
     progress = Progress(total_steps, step, args.log_every)
-    vis_imgs = torch.stack([dataset[i][0] for i in range(min(4, len(dataset)))])
+    # fixed images and masks: the first 4 for the reconstruction picture (comparable from epoch to epoch, and
+    # drawn without touching the training RNG), up to 32 for the collapse monitor
+    monitor_imgs = torch.stack([dataset[i][0] for i in range(min(32, len(dataset)))])
+    vis_imgs, vis_masks = monitor_imgs[:4], torch.stack([dataset[i][1] for i in range(min(4, len(dataset)))])
+    latest_collapse = {}
     loader_kwargs = dict(batch_size=args.batch_size, num_workers=args.num_workers, drop_last=True,
                          pin_memory=device.type == "cuda", persistent_workers=False)
     while step < total_steps:
@@ -242,17 +282,15 @@ def train(args, dist_info, dataset):
         batches = iter(DataLoader(dataset, sampler=sampler, **loader_kwargs))
         for _ in range(done_in_epoch, steps_per_epoch):
             micro = [next(batches) for _ in range(args.accum_iter)]
+            bad_images.poll()  # logs newly skipped files; too many stop the run before this step
             if args.channels_last:
                 micro = channels_last(micro)
             scheduler.step_update(step)
             t0 = time.time()
-            try:
-                loss, grad_norm = train_step(model, micro, optimizer, scaler, device, args.amp, args.clip_grad, step)
-            except NonFiniteLoss as e:
-                log.error("%s; stopping. The last checkpoint is left untouched.", e)
-                raise SystemExit(3)
+            loss, grad_norm = train_step(model, micro, optimizer, scaler, device, args.amp, args.clip_grad)
             step += 1
             loss = all_reduce_mean(torch.tensor(loss, device=device)).item()
+            guard.check(step, loss, grad_norm, args.amp)
             lr = optimizer.param_groups[0]["lr"]
             history.append(loss)
             rate = progress.update(step, epoch, loss, lr, grad_norm, args.batch_size * args.accum_iter
@@ -269,7 +307,13 @@ def train(args, dist_info, dataset):
         epoch_done = step % steps_per_epoch == 0
         if writer is not None and (step == total_steps or (epoch_done and (step // steps_per_epoch)
                                                              % args.vis_every_epochs == 0)):
-            writer.add_image("reconstruction", reconstruction_grid(model_without_ddp, vis_imgs.to(device)), step)
+            writer.add_image("reconstruction", reconstruction_grid(model_without_ddp, vis_imgs.to(device),
+                                                                    vis_masks.to(device)), step)
+            collapse = monitor.collapse_stats(model_without_ddp.encoder, monitor_imgs)
+            latest_collapse = monitor.scalars(collapse)
+            for tag, value in latest_collapse.items():
+                writer.add_scalar(tag, value, step)
+            log.info("step %d %s", step, monitor.summary(collapse))
         save(step, step // steps_per_epoch)
         if stop.signal:
             log.info("received %s: checkpoint saved at step %d, exiting", stop.signal, step)
@@ -279,16 +323,29 @@ def train(args, dist_info, dataset):
     if dist_info.is_main and history:
         metrics = {"steps": step, "first_loss": history[0], "last_loss": history[-1],
                    "mean_last_10": sum(history[-10:]) / len(history[-10:])}
+        if latest_collapse:
+            metrics["collapse"] = latest_collapse
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)
         log.info("done: %s", json.dumps(metrics))
 
 
-def resume(state, model, optimizer, scaler, args):
-    if state.get("format") != FORMAT:
-        raise UsageError(f"checkpoint is not an FCMAE pretraining checkpoint (format {state.get('format')!r})")
+def check_resumable(state, args, path: str):
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise UsageError(f"{path} is not an FCMAE pretraining checkpoint (format {found!r}); to start from "
+                         "pretrained weights, fine-tune it (python -m finetune --finetune ...)")
     if state["model_name"] != args.model:
-        raise UsageError(f"checkpoint holds {state['model_name']}, but --model is {args.model}")
+        raise UsageError(f"{path} holds {state['model_name']}, but --model is {args.model}")
+    # the decoder's shape must match for the strict load; other settings may change (at the user's word)
+    saved = state["args"]
+    mismatched = [k for k in ("decoder_dim", "decoder_depth") if saved.get(k, getattr(args, k)) != getattr(args, k)]
+    if mismatched:
+        raise UsageError(f"{path} was trained with " + ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in mismatched)
+                         + "; pass the same values to resume it")
+
+
+def resume(state, model, optimizer, scaler):
     model.load_state_dict(state["model"])  # strict: every tensor must match
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

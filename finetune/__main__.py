@@ -24,11 +24,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fcmae import checkpoint as ckpt
 from fcmae.cli import run_cli, setup_logging
-from fcmae.config import UsageError, parse_with_config, to_yaml
+from fcmae.config import UsageError, to_yaml
 from fcmae.data import EpochSampler, SeededDataset
-from fcmae.distributed import all_reduce_mean, cleanup, init_distributed
-from fcmae.engine import NonFiniteLoss, channels_last, train_step
-from fcmae.pretrain import StopRequest, build_scheduler
+from fcmae.distributed import all_reduce_mean, cleanup, init_distributed, world_size_from_env
+from fcmae.engine import NonFiniteGuard, channels_last, train_step
+from fcmae.images import BadImageMonitor
+from fcmae.pretrain import StopRequest, build_scheduler, epoch_steps
 from fcmae.progress import Progress
 from models.convert import CheckpointError, read_checkpoint
 from models.variants import get_variant
@@ -36,8 +37,8 @@ from models.variants import get_variant
 from .data import build_datasets
 from .engine import WithLoss, evaluate, mix
 from .layer_decay import param_groups
-from .model import create_classifier, init_from_pretrained, read_pretrained
-from .options import DEFAULT_MODEL, build_parser, validate
+from .model import LinearProbe, create_classifier, init_from_pretrained, read_pretrained
+from .options import DEFAULT_MODEL, parse_args, probe_settings, validate
 from .report import final_metrics, log_scalars, summary_row, write_metrics, write_summary
 
 log = logging.getLogger("fcmae")
@@ -46,11 +47,22 @@ FORMAT = "fcmae-finetune"
 
 def run(argv=None) -> dict:
     """Parse, check, then train (returns metrics.json's content) or evaluate (returns the accuracies)."""
-    args = parse_with_config(build_parser(), argv)
+    args = parse_args(argv)
     validate(args)
+    if args.eval:
+        dist_info = init_distributed(args.device)
+        try:
+            return evaluate_checkpoint(args, dist_info)
+        finally:
+            cleanup()
+    # Everything that reads user input (checkpoints, data) comes before anything is written or a group joined.
+    start = starting_point(args)
+    data = build_datasets(args)
+    resolve_classes(args, data.classes, start[3])
+    epoch_steps(len(data.train), args, world_size_from_env())
     dist_info = init_distributed(args.device)
     try:
-        return (evaluate_checkpoint if args.eval else train)(args, dist_info)
+        return train(args, dist_info, start, data)
     finally:
         cleanup()
 
@@ -131,7 +143,7 @@ def plain_args(args) -> dict:
 
 # options that only say how or how far to run, not what is computed: free to change between a run and its resume
 RUN_ONLY = {"config", "resume", "output_dir", "eval", "max_steps", "num_workers", "log_every", "save_every_steps",
-            "keep_checkpoints", "device", "finetune"}
+            "keep_checkpoints", "device", "finetune", "bad_image", "max_bad_fraction"}
 
 
 def warn_changed_args(saved: dict, args):
@@ -176,12 +188,14 @@ def evaluate_checkpoint(args, dist_info) -> dict:
         init_from_pretrained(model, weights, keep_head=True)
     else:
         load_state(model, state["model"], source)
+    bad_images = BadImageMonitor(data.val)  # before the loader's workers start
     loader = val_loader(data.val, args, dist_info)
     results = evaluate(model.to(device), loader, device, args.amp)
     if state is not None and state.get("model_ema") is not None:
         ema = copy.deepcopy(model)
         load_state(ema, state["model_ema"], f"{source} (model_ema)")
         results["ema"] = evaluate(ema, loader, device, args.amp)
+    bad_images.poll()  # logs skipped val files; too many void the result
     log.info("%s on %d images: top-1 %.3f top-5 %.3f loss %.4f%s", source, results["images"], results["acc1"],
              results["acc5"], results["loss"], f" (EMA top-1 {results['ema']['acc1']:.3f})" if "ema" in results else "")
     return results
@@ -239,12 +253,9 @@ def evaluate_epoch(model, ema, val, device, args, epoch: int, step: int, epoch_l
     return summary_row(epoch, step, sum(epoch_losses) / len(epoch_losses), stats, ema_stats)
 
 
-def train(args, dist_info) -> dict:
-    # Everything that reads user input (checkpoints, data) comes before anything is written.
+def train(args, dist_info, start, data) -> dict:
     device = device_of(args, dist_info)
-    resume_path, state, pretrained, head = starting_point(args)
-    data = build_datasets(args)
-    resolve_classes(args, data.classes, head)
+    resume_path, state, pretrained, _ = start
     seed_all(args.seed)  # the same initial weights on every process (and so in the EMA copy each one makes)
     model = create_classifier(args.model, args.nb_classes, args.drop_path)
     if pretrained is not None:
@@ -252,10 +263,7 @@ def train(args, dist_info) -> dict:
 
     train_set = SeededDataset(data.train, seed=args.seed)
     sampler = EpochSampler(len(train_set), seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size)
-    steps_per_epoch = sampler.num_samples // args.batch_size // args.accum_iter
-    if steps_per_epoch < 1:
-        raise UsageError(f"{len(train_set)} training images give no full step of {args.batch_size} x "
-                         f"{args.accum_iter} x {dist_info.world_size} processes; lower --batch-size or --accum-iter")
+    steps_per_epoch = epoch_steps(len(train_set), args, dist_info.world_size)
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -268,7 +276,8 @@ def train(args, dist_info) -> dict:
         model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     mixup_fn, criterion = build_criterion(args)
-    net = WithLoss(model, criterion)
+    # a linear probe trains the head only: the frozen encoder runs without autograd, in eval mode
+    net = WithLoss(LinearProbe(model) if args.linear_probe else model, criterion)
     if dist_info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
@@ -292,14 +301,20 @@ def train(args, dist_info) -> dict:
         log.info("initialised %s from %s (%s)", args.model, args.finetune,
                  "head kept" if args.keep_head else "head re-initialised, std 2e-5")
     if dist_info.is_main:
+        ckpt.remove_stale_temporaries(args.output_dir)
         with open(os.path.join(args.output_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(args))
         if rows:
             write_summary(args.output_dir, rows)
-    writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard")) if dist_info.is_main else None
+    # purge_step: events a killed run logged after its last checkpoint are dropped, not shown twice
+    writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"), purge_step=step or None) \
+        if dist_info.is_main else None
     log.info("fine-tuning %s on %d images (%d classes, %d val images) at %s: %d steps/epoch, %d steps", args.model,
              len(train_set), args.nb_classes, len(data.val), "x".join(map(str, args.input_size)), steps_per_epoch,
              total_steps)
+    if args.linear_probe:
+        log.info("linear probe: encoder frozen (eval mode, no gradients), head.norm + head.fc trained; %s",
+                 probe_settings(args))
 
     def save(path=None):
         if not dist_info.is_main:
@@ -310,12 +325,14 @@ def train(args, dist_info) -> dict:
                  "epoch": step // steps_per_epoch, "args": plain_args(args), "rng": ckpt.rng_state(),
                  "best_acc1": best["acc1"], "best": best, "history": rows, "losses": losses, "classes": data.classes}
         if path:
-            ckpt.atomic_save(state, path)
+            ckpt.save_or_stop(state, path)
         else:
             path = ckpt.save_training_state(args.output_dir, step, state, args.keep_checkpoints)
         log.info("saved %s", path)
 
     stop = StopRequest()
+    guard = NonFiniteGuard(args.skip_nonfinite)
+    bad_images = BadImageMonitor(data.train, data.val)
     progress = Progress(total_steps, step, args.log_every)
     loader_kwargs = dict(batch_size=args.batch_size, num_workers=args.num_workers, drop_last=True,
                          pin_memory=device.type == "cuda")
@@ -327,6 +344,7 @@ def train(args, dist_info) -> dict:
         batches = iter(DataLoader(train_set, sampler=sampler, generator=torch.Generator(), **loader_kwargs))
         for _ in range(done_in_epoch, steps_per_epoch):
             micro = [next(batches) for _ in range(args.accum_iter)]
+            bad_images.poll()  # logs newly skipped files; too many stop the run before this step
             # Each step's mixup and drop-path draws depend on (seed, rank, step) only, like the augmentation on
             # (seed, epoch, index): a resumed run repeats an uninterrupted one exactly, on any number of
             # processes (the checkpoint's "rng" holds only rank 0's state, so it is not restored).
@@ -336,15 +354,12 @@ def train(args, dist_info) -> dict:
                 micro = channels_last(micro)
             scheduler.step_update(step)
             t0 = time.time()
-            try:
-                loss, grad_norm = train_step(net, micro, optimizer, scaler, device, args.amp, args.clip_grad, step)
-            except NonFiniteLoss as e:
-                log.error("%s; stopping. The last checkpoint is left untouched.", e)
-                raise SystemExit(3)
-            if ema is not None:
-                ema.update(model)
+            loss, grad_norm = train_step(net, micro, optimizer, scaler, device, args.amp, args.clip_grad)
             step += 1
             loss = all_reduce_mean(torch.tensor(loss, device=device)).item()
+            guard.check(step, loss, grad_norm, args.amp)
+            if ema is not None:
+                ema.update(model)
             losses.append(loss)
             lr = max(g["lr"] for g in optimizer.param_groups)  # the head's (scale 1) lr
             progress.update(step, epoch, loss, lr, grad_norm, args.batch_size * args.accum_iter * dist_info.world_size)
@@ -359,6 +374,7 @@ def train(args, dist_info) -> dict:
             # evaluate at the end of every epoch, and where a shortened run (--max-steps) stops
             rows.append(evaluate_epoch(model, ema, val, device, args, epoch, step,
                                        losses[epoch * steps_per_epoch:]))
+            bad_images.poll()  # too many unreadable val files: stop before the results are saved
             row = rows[-1]
             log_scalars(writer, row)
             # the best checkpoint holds both weights, so it is chosen by whichever of the two scored higher

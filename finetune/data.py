@@ -52,7 +52,7 @@ def eval_transform(input_size):
 def targets_of(dataset) -> np.ndarray:
     if isinstance(dataset, FashionMNIST):
         return np.asarray(dataset.targets)
-    return np.asarray([t for _, t in dataset.reader.samples])
+    return np.asarray([t for _, t in dataset.samples])
 
 
 def stratified_subset(targets: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -74,29 +74,32 @@ class Datasets:
     classes: List[str]
 
 
-def _folder_pair(data_path: str, train_tf, val_tf):
-    """`data_path/train` defines the classes; `data_path/val` must use a subset of them."""
-    train = image_folder(os.path.join(data_path, "train"), transform=train_tf)
-    classes = train.reader.class_to_idx
+def _folder_pair(data_path: str, train_tf, val_tf, **options):
+    """`data_path/train` defines the classes; `data_path/val` must use a subset of them. `options`: image_folder's
+    decoding and bad-file settings."""
+    train = image_folder(os.path.join(data_path, "train"), transform=train_tf, **options)
+    classes = train.class_to_idx
     if "" in classes:
         raise DataError(f"{data_path}/train has images outside class subfolders; expected train/<class>/<image>")
     val_dir = os.path.join(data_path, "val")
-    val_classes = set(image_folder(val_dir).reader.class_to_idx)
+    val_classes = set(image_folder(val_dir).class_to_idx)
     unknown = sorted(val_classes - set(classes))
     if unknown:
         raise DataError(f"{val_dir} has classes not in train/: {', '.join(unknown[:5])}"
                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
-    val = image_folder(val_dir, transform=val_tf, class_to_idx=classes)
+    val = image_folder(val_dir, transform=val_tf, class_to_idx=classes, **options)
     return train, val, sorted(classes, key=classes.get)
 
 
-def build_datasets(args, train: bool = True) -> Datasets:
+def build_datasets(args, train: bool = True, augment: bool = True) -> Datasets:
     """Train and val sets with their transforms and the subsets asked for. With train=False the train set is
-    still read (it defines the classes) but not subsetted."""
-    train_tf = train_transform(args.input_size, args.aa, args.reprob)
+    still read (it defines the classes) but not subsetted; with augment=False it gets the eval transform too
+    (kNN evaluation reads features of both sets the same way)."""
     val_tf = eval_transform(args.input_size)
+    train_tf = train_transform(args.input_size, args.aa, args.reprob) if augment else val_tf
     if args.data_path:
-        train_ds, val_ds, classes = _folder_pair(args.data_path, train_tf, val_tf)
+        train_ds, val_ds, classes = _folder_pair(args.data_path, train_tf, val_tf, input_size=args.input_size,
+                                                 bad_image=args.bad_image, max_bad_fraction=args.max_bad_fraction)
     else:
         train_ds, val_ds = FashionMNIST("train", transform=train_tf), FashionMNIST("val", transform=val_tf)
         classes = list(train_ds.classes)

@@ -4,14 +4,16 @@ import torch
 from timm.layers import trunc_normal_
 
 from models.convert import load_encoder_weights, load_into_timm
+from models.grn import use_float32_grn_stats
 
 HEAD_INIT_SCALE = 0.001  # reference: head weights drawn with std 0.02, then scaled by 0.001 (std 2e-5)
 
 
 def create_classifier(model_name: str, num_classes: int, drop_path: float) -> torch.nn.Module:
     # head_init_scale gives a from-scratch model the same small head as a fine-tuned one
-    return timm.create_model(model_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
-                             head_init_scale=HEAD_INIT_SCALE)
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
+                              head_init_scale=HEAD_INIT_SCALE)
+    return use_float32_grn_stats(model)  # GRN norms in float32 under fp16/bf16 autocast
 
 
 def reset_head(model: torch.nn.Module):
@@ -31,3 +33,24 @@ def init_from_pretrained(model: torch.nn.Module, state_dict: dict, keep_head: bo
     load_into_timm(model, state_dict, keep_head=keep_head)
     if not keep_head:
         reset_head(model)
+
+
+class LinearProbe(torch.nn.Module):
+    """Linear probing of a timm ConvNeXt V2: the encoder (stem, stages) is frozen and always runs in eval mode
+    (no drop-path); only the head learns (global average pool -> LayerNorm -> Linear, no BatchNorm). The
+    features are computed without autograd, so a step costs an inference pass plus the head's backward.
+    The wrapped model keeps its own names: its state dict is the whole classifier's."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # set here, not once: evaluating puts the whole model back in train mode afterwards
+        for part in (self.model.stem, self.model.stages, self.model.norm_pre):
+            part.eval()
+        with torch.no_grad():
+            features = self.model.forward_features(images)
+        return self.model.forward_head(features)

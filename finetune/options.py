@@ -8,12 +8,19 @@ import os
 import torch
 
 from fcmae.cli import check_writable_dir
-from fcmae.config import ArgParser, UsageError, add, add_speed_options, input_size
+from fcmae.config import (ArgParser, UsageError, add, add_bad_image_options, add_skip_nonfinite, add_speed_options,
+                          check_bad_image_options, input_size, parse_with_config)
 from finetune.layer_decay import LAYER_DECAY_TYPES
 from models import VARIANTS
 from models.variants import get_variant
 
 DEFAULT_MODEL = "convnextv2_atto"
+
+# --linear-probe: the encoder is frozen, so what regularises fine-tuning (layer decay, mixup/cutmix, RandAugment,
+# random erasing, drop-path, label smoothing, weight decay, EMA) is off; AdamW on the LayerNorm + Linear head at
+# blr 1e-3 (lr 1e-3 at an effective batch of 256). They override a -c config's values, not explicit flags.
+PROBE_DEFAULTS = {"layer_decay": 1.0, "mixup": 0.0, "cutmix": 0.0, "aa": "none", "reprob": 0.0, "drop_path": 0.0,
+                  "smoothing": 0.0, "weight_decay": 0.0, "model_ema": False, "blr": 1e-3}
 
 
 def build_parser() -> ArgParser:
@@ -29,6 +36,10 @@ def build_parser() -> ArgParser:
         help="initialise from this checkpoint (FCMAE pretraining, ours, timm, reference or Hugging Face); "
              "the decoder is dropped and the head re-initialised unless --keep-head")
     add(g, "--keep-head", action="store_true", help="keep the checkpoint's classifier head (same number of classes)")
+    add(g, "--linear-probe", action="store_true",
+        help="train only the head (LayerNorm + Linear on pooled features) on the frozen encoder, run in eval mode; "
+             "defaults then: " + ", ".join(f"{k}={v}" for k, v in PROBE_DEFAULTS.items())
+             + " (flags given on the command line win)")
     add(g, "--nb-classes", type=int, default=None,
         help="classifier outputs; default: the kept head's size, else the number of classes in the data")
     add(g, "--input-size", type=int, nargs="+", default=[224], help="224 (square) or 'H W'")
@@ -42,6 +53,7 @@ def build_parser() -> ArgParser:
         help="train on a seeded, class-stratified fraction of the labelled images (e.g. 0.01, 0.1)")
     add(g, "--val-subset", type=int, default=None, help="evaluate on a seeded, class-stratified subset of N images")
     add(g, "--num-workers", type=int, default=2)
+    add_bad_image_options(g)
     add(g, "--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy, or 'none'")
     add(g, "--reprob", type=float, default=0.25, help="random erasing probability")
     add(g, "--mixup", type=float, default=0.0, help="mixup alpha (0: off)")
@@ -63,6 +75,7 @@ def build_parser() -> ArgParser:
     add(g, "--clip-grad", type=float, default=None)
     add(g, "--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision (loss stays float32)")
     add_speed_options(g)
+    add_skip_nonfinite(g)
     add(g, "--model-ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights")
     add(g, "--model-ema-decay", type=float, default=0.9999)
     add(g, "--model-ema-eval", action=argparse.BooleanOptionalAction, default=True,
@@ -79,6 +92,22 @@ def build_parser() -> ArgParser:
     add(g, "--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add(g, "--seed", type=int, default=0)
     return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Option values: parser defaults < -c config < probe defaults (with --linear-probe) < the command line."""
+    parser = build_parser()
+    args = parse_with_config(parser, argv)  # leaves the config's values on the parser as its defaults
+    if args.linear_probe:
+        parser.set_defaults(**PROBE_DEFAULTS)
+        args = parser.parse_args(argv)
+    return args
+
+
+def probe_settings(args) -> str:
+    """The settings a linear probe runs with, for the log."""
+    return ", ".join(f"{k}={getattr(args, k)}" for k in PROBE_DEFAULTS if k != "blr") + \
+        (f", lr={args.lr}" if args.lr is not None else f", blr={args.blr}")
 
 
 def _positive(args, *names):
@@ -100,6 +129,9 @@ def validate(args):
         raise UsageError(f"--input-size must be at least 32 (the network's total stride), got {args.input_size}")
     _positive(args, "batch_size", "accum_iter", "epochs", "max_steps", "nb_classes", "train_subset", "val_subset",
               "keep_checkpoints", "log_every", "save_every_steps")
+    check_bad_image_options(args)
+    if args.skip_nonfinite < 0:
+        raise UsageError(f"--skip-nonfinite must be >= 0, got {args.skip_nonfinite}")
     if args.train_subset is not None and args.label_fraction is not None:
         raise UsageError("give --train-subset or --label-fraction, not both")
     if args.label_fraction is not None and not 0 < args.label_fraction <= 1:

@@ -5,6 +5,7 @@ from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
 from .encoder import SparseConvNeXtV2
+from .grn import use_float32_grn_stats
 from .masking import PATCH_SIZE, check_mask, mask_grid, num_visible, random_mask
 
 
@@ -25,6 +26,7 @@ class FCMAE(nn.Module):
             ConvNeXtBlock(decoder_dim, use_grn=True, ls_init_value=None, conv_mlp=False) for _ in range(decoder_depth)
         ])
         self.pred = nn.Conv2d(decoder_dim, PATCH_SIZE ** 2 * 3, kernel_size=1)
+        use_float32_grn_stats(self.decoder)
         self._init_decoder()
 
     def _init_decoder(self):

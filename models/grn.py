@@ -5,8 +5,14 @@
 `stats='sample'` pools G over each image's visible sites (what dense fine-tuning sees, and how the released
 weights were trained); `stats='batch'` pools over every visible site of the whole (per-device) batch, as the
 reference's sparse PyTorch code does.
+
+The norms are taken in float32 (at least) whatever the autocast precision: in fp16 a channel's norm over a
+56x56 map overflows (65504) at activations of about 5, a known NaN source of the reference's fine-tuning.
+N is a ratio of norms, of order 1, so it is applied in the activations' own dtype.
 """
 import torch
+from timm.layers.grn import GlobalResponseNorm
+from torch import nn
 
 GRN_EPS = 1e-6
 GRN_STATS = ("sample", "batch")
@@ -18,9 +24,13 @@ def check_grn_stats(stats: str) -> str:
     return stats
 
 
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def grn_apply(x: torch.Tensor, gx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x: (..., C) channels-last; gx: the L2 norms, broadcastable to x."""
-    nx = gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)
+    """x: (..., C) channels-last; gx: the L2 norms (float32 or wider), broadcastable to x."""
+    nx = (gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)).to(x.dtype)
     return x + torch.addcmul(bias, weight, x * nx)
 
 
@@ -28,7 +38,8 @@ def gathered_norms(x: torch.Tensor, site_sample: torch.Tensor, batch: int, stats
     """L2 norms for gathered sites x: (V, C). Returns (V, C) for 'sample' (each site gets its image's norm)
     or (1, C) for 'batch'."""
     if stats == "batch":
-        return torch.linalg.vector_norm(x, dim=0, keepdim=True)
+        return torch.linalg.vector_norm(x, dim=0, keepdim=True, dtype=stats_dtype(x))
+    x = x.to(stats_dtype(x))
     sq = x.new_zeros(batch, x.shape[1]).index_add_(0, site_sample, x * x)
     # clamp: an image whose channel is all zero gets norm 0 with a zero (not NaN) gradient, like torch.norm
     return sq.clamp_min(torch.finfo(x.dtype).tiny).sqrt().index_select(0, site_sample)
@@ -37,4 +48,21 @@ def gathered_norms(x: torch.Tensor, site_sample: torch.Tensor, batch: int, stats
 def dense_norms(x: torch.Tensor, stats: str) -> torch.Tensor:
     """L2 norms for a masked-dense NHWC map (masked sites already zero): (N,1,1,C) or (1,1,1,C)."""
     dims = (1, 2) if stats == "sample" else (0, 1, 2)
-    return torch.linalg.vector_norm(x, dim=dims, keepdim=True)
+    return torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=stats_dtype(x))
+
+
+class Float32StatsGRN(GlobalResponseNorm):
+    """timm's GRN (same parameters, same state-dict keys) with its norm taken in float32, as above."""
+
+    def forward(self, x):
+        x_g = torch.linalg.vector_norm(x, dim=self.spatial_dim, keepdim=True, dtype=stats_dtype(x))
+        x_n = (x_g / (x_g.mean(dim=self.channel_dim, keepdim=True) + self.eps)).to(x.dtype)
+        return x + torch.addcmul(self.bias.view(self.wb_shape), self.weight.view(self.wb_shape), x * x_n)
+
+
+def use_float32_grn_stats(model: nn.Module) -> nn.Module:
+    """Switch every timm GRN in `model` to Float32StatsGRN, in place (the class only: parameters stay)."""
+    for m in model.modules():
+        if type(m) is GlobalResponseNorm:
+            m.__class__ = Float32StatsGRN
+    return model

@@ -1,7 +1,6 @@
 """All backends give the same loss and gradients as the masked-dense oracle, and the oracle matches timm's blocks."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import create_fcmae
 from models.masking import random_mask, visible_map

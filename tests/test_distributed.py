@@ -1,33 +1,105 @@
-"""torchrun (gloo, 2 processes) gives the losses of one process with the same global batch, and resumes."""
+"""torchrun (gloo, 2 processes) gives the losses of one process with the same global batch, for pretraining and
+fine-tuning; a torchrun run killed with SIGKILL resumes under torchrun and continues exactly; SLURM node lists."""
+import csv
 import os
+import signal
 import subprocess
 import sys
 
+import pytest
+
 from fcmae import checkpoint as ckpt
+from fcmae.distributed import first_slurm_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMON = ["--input-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0", "--blr", "1e-3",
-          "--log-every", "1", "--device", "cpu"]
+PRETRAIN = ["-m", "fcmae.pretrain", "--input-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--num-workers",
+            "0", "--blr", "1e-3", "--log-every", "1", "--device", "cpu"]
+# no drop-path and no mixup: their draws are per process, so only then can 2 x 4 images equal 1 x 8;
+# RandAugment and random erasing are drawn per image and stay on
+FINETUNE = ["-m", "finetune", "--model", "convnextv2_atto", "--input-size", "32", "--train-subset", "64",
+            "--val-subset", "20", "--epochs", "1", "--num-workers", "0", "--drop-path", "0", "--lr", "1e-3",
+            "--log-every", "1", "--device", "cpu"]
 
 
-def pretrain(out, procs, batch, steps):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def command(args, procs):
     if procs == 1:
-        cmd = [sys.executable, "-m", "fcmae.pretrain"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-               "-m", "fcmae.pretrain"]
-    res = subprocess.run(cmd + COMMON + ["--batch-size", str(batch), "--max-steps", str(steps), "--output-dir",
-                                         str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        return [sys.executable] + args
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] + args
+
+
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run(args, procs, out, batch, steps):
+    cmd = command(args + ["--batch-size", str(batch), "--max-steps", str(steps), "--output-dir", str(out)], procs)
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return ckpt.latest_loadable(str(out))[1]["history"]
+    state = ckpt.latest_loadable(str(out))[1]
+    return state.get("history") if "fcmae-pretrain" == state["format"] else state["losses"], res
 
 
-def test_two_process_gloo_matches_one_process_and_resumes(tmp_path):
-    single = pretrain(tmp_path / "one", 1, 8, 3)
-    double = pretrain(tmp_path / "two", 2, 4, 2)
-    resumed = pretrain(tmp_path / "two", 2, 4, 3)  # continues the 2-step run from its checkpoint
-    assert len(single) == 3 and len(resumed) == 3
+def descendants(pid: int):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def close(a, b):
+    return len(a) == len(b) and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b))
+
+
+def test_pretrain_two_processes_match_one_and_resume(tmp_path):
+    single, _ = run(PRETRAIN, 1, tmp_path / "one", 8, 3)
+    double, _ = run(PRETRAIN, 2, tmp_path / "two", 4, 2)
+    resumed, res = run(PRETRAIN, 2, tmp_path / "two", 4, 3)  # continues the 2-step run from its checkpoint
+    assert "resumed from" in res.stdout and "effective batch 8 = 4 x 1 accumulation x 2 processes" in res.stdout
     assert resumed[:2] == double
-    for a, b in zip(single, resumed):
-        assert abs(a - b) <= 1e-5 * abs(a), (single, resumed)
+    assert close(single, resumed), (single, resumed)
+
+
+def test_finetune_two_processes_match_one(tmp_path):
+    single, _ = run(FINETUNE, 1, tmp_path / "one", 8, 3)
+    double, _ = run(FINETUNE, 2, tmp_path / "two", 4, 3)
+    assert close(single, double), (single, double)
+    # evaluation aggregated over both processes (10 of the 20 images each) equals the one-process evaluation
+    rows = [list(csv.DictReader(open(tmp_path / d / "summary.csv")))[-1] for d in ("one", "two")]
+    assert rows[0]["acc1"] == rows[1]["acc1"]
+    assert abs(float(rows[0]["val_loss"]) - float(rows[1]["val_loss"])) <= 1e-4 * float(rows[0]["val_loss"])
+
+
+def test_torchrun_killed_with_sigkill_resumes_exactly(tmp_path):
+    full, _ = run(PRETRAIN, 2, tmp_path / "full", 4, 5)
+    cmd = command(PRETRAIN + ["--batch-size", "4", "--max-steps", "5", "--save-every-steps", "1",
+                              "--output-dir", str(tmp_path / "cut")], 2)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if " step 3/5 " in line:
+            # torchrun and both workers (torchrun starts them in sessions of their own), as a node failure would
+            for pid in [proc.pid] + descendants(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    saved = ckpt.latest_loadable(str(tmp_path / "cut"))[1]["step"]
+    assert 1 <= saved < 5
+    resumed, res = run(PRETRAIN + ["--save-every-steps", "1"], 2, tmp_path / "cut", 4, 5)
+    assert f"at step {saved}" in res.stdout
+    assert resumed == full
+
+
+@pytest.mark.parametrize("nodelist,host", [("gpu[07-09,12],cpu1", "gpu07"), ("node1,node2", "node1"),
+                                           ("a-b[3]", "a-b3"), ("single", "single")])
+def test_first_slurm_host(nodelist, host):
+    assert first_slurm_host(nodelist) == host

@@ -8,8 +8,13 @@ the variant inferred from its shapes; `--model` checks it (or names it when it c
 A bad input prints `error: <one line>` to stderr and exits with status 2.
 """
 import argparse
+import os
 import sys
 
+from safetensors import SafetensorError
+
+from fcmae.cli import check_writable_dir
+from fcmae.config import UsageError
 from models.convert import TARGETS, CheckpointError, read_checkpoint, save_converted, to_canonical
 
 
@@ -35,13 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # where the output goes is checked first: a long conversion should not end in "cannot write"
+        check_writable_dir(os.path.dirname(os.path.abspath(args.output)))
         name, layout, state = to_canonical(read_checkpoint(args.input), args.model, args.ema)
         written = save_converted(name, state, args.to, args.output)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+    except (UsageError, OSError, SafetensorError) as e:
+        print(f"error: cannot write {args.output}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 2
     print(f"{args.input} ({layout}, {name}) -> {args.output} ({written})")
     return 0

@@ -59,6 +59,10 @@ class MinkowskiBackend:
     def __call__(self, encoder, imgs, mask):
         """imgs (N, 3, H, W), mask (N, H/32 * W/32) with 1 = masked -> (N, C4, H/32, W/32), zeros at masked cells."""
         ME = import_minkowski()
+        if torch.is_autocast_enabled(imgs.device.type):
+            # ME's kernels take float32/float64 only: under --amp the encoder runs in float32, the decoder in amp
+            with torch.autocast(imgs.device.type, enabled=False):
+                return self(encoder, imgs.float(), mask)
         n, _, height, width = imgs.shape
         grid = (height // 32, width // 32)
         # Stem dense on the full image (as the reference), then keep the visible sites. The mask decides which

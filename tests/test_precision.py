@@ -1,0 +1,59 @@
+"""Mixed precision on CPU: bf16/fp16 pretraining and fine-tuning steps give finite losses close to float32, and GRN
+takes its norms in float32 where timm's overflows in fp16."""
+import math
+
+import pytest
+import torch
+from timm.layers.grn import GlobalResponseNorm
+
+from fcmae.pretrain import main as pretrain_main
+from finetune.__main__ import run as finetune_run
+from models import create_fcmae
+from models.grn import Float32StatsGRN
+from models.masking import random_mask
+from tests.conftest import HAS_MINKOWSKI, randomize_grn
+
+
+def test_grn_norms_do_not_overflow_in_fp16():
+    """A 128x128 map of 1000s: the channel norm is 128000 > fp16's 65504."""
+    x = torch.full((1, 128, 128, 4), 1000.0)
+    timm_grn, ours = GlobalResponseNorm(4), Float32StatsGRN(4)
+    for m in (timm_grn, ours):
+        torch.nn.init.constant_(m.weight, 0.5)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not torch.isfinite(timm_grn(x.half())).all()  # what the reference's fp16 fine-tuning ran into
+        out = ours(x.half())
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.float(), ours(x), rtol=1e-3)  # N = 1 for equal channels: 1000 * 1.5
+
+
+@pytest.mark.parametrize("backend", ["sparse", "dense", pytest.param("minkowski", marks=pytest.mark.skipif(
+    not HAS_MINKOWSKI, reason="MinkowskiEngine not installed"))])
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_forward_backward_close_to_float32(backend, amp):
+    torch.manual_seed(0)
+    model = randomize_grn(create_fcmae("convnextv2_atto", backend=backend, decoder_dim=64), std=0.1)
+    imgs, mask = torch.randn(2, 3, 64, 96), random_mask(2, 6, 0.6)
+    loss32, _, _ = model(imgs, mask)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    with torch.autocast("cpu", dtype=dtype):
+        loss, pred, _ = model(imgs, mask)
+    assert pred.dtype == dtype and loss.dtype == torch.float32  # the loss is computed in float32
+    loss.backward()
+    assert math.isfinite(loss.item()) and abs(loss.item() - loss32.item()) < 0.05 * loss32.item()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_pretrain_and_finetune_steps_under_autocast(tmp_path, amp):
+    pretrain_main(["--input-size", "64", "--batch-size", "4", "--max-steps", "2", "--warmup-epochs", "0",
+                   "--num-workers", "0", "--amp", amp, "--output-dir", str(tmp_path / "pre")])
+    metrics = torch.load(tmp_path / "pre" / "checkpoint-00000002.pth", weights_only=True)["history"]
+    assert len(metrics) == 2 and all(math.isfinite(v) for v in metrics)
+    result = finetune_run(["--model", "convnextv2_atto", "--input-size", "32", "--batch-size", "8",
+                           "--train-subset", "16", "--val-subset", "16", "--epochs", "1", "--num-workers", "0",
+                           "--amp", amp, "--finetune", str(tmp_path / "pre" / "checkpoint-00000002.pth"),
+                           "--output-dir", str(tmp_path / "ft")])
+    assert result["steps"] == 2 and math.isfinite(result["first_loss"]) and math.isfinite(result["last_loss"])
+    assert 0 <= result["acc1"] <= 100
