@@ -143,7 +143,7 @@ def plain_args(args) -> dict:
 
 # options that only say how or how far to run, not what is computed: free to change between a run and its resume
 RUN_ONLY = {"config", "resume", "output_dir", "eval", "max_steps", "num_workers", "log_every", "save_every_steps",
-            "keep_checkpoints", "device", "finetune", "bad_image", "max_bad_fraction"}
+            "keep_checkpoints", "device", "finetune", "bad_image", "max_bad_fraction", "eval_every_epochs"}
 
 
 def warn_changed_args(saved: dict, args):
@@ -370,8 +370,9 @@ def train(args, dist_info, start, data) -> dict:
                 writer.add_scalar("train/step_seconds", time.time() - t0, step)
             if stop.signal or step == total_steps or (args.save_every_steps and step % args.save_every_steps == 0):
                 break
-        if step % steps_per_epoch == 0 or step == total_steps:
-            # evaluate at the end of every epoch, and where a shortened run (--max-steps) stops
+        epochs_done = step // steps_per_epoch if step % steps_per_epoch == 0 else None
+        if step == total_steps or (epochs_done and epochs_done % args.eval_every_epochs == 0):
+            # evaluate every --eval-every-epochs epochs, and where the run (or a --max-steps run) ends
             rows.append(evaluate_epoch(model, ema, val, device, args, epoch, step,
                                        losses[epoch * steps_per_epoch:]))
             bad_images.poll()  # too many unreadable val files: stop before the results are saved

@@ -89,6 +89,8 @@ def build_parser() -> ArgParser:
     add(g, "--save-every-steps", type=int, default=None, help="also checkpoint every N steps (mid-epoch)")
     add(g, "--keep-checkpoints", type=int, default=2)
     add(g, "--log-every", type=int, default=20, help="progress line every N steps")
+    add(g, "--eval-every-epochs", type=int, default=1,
+        help="evaluate (and pick the best checkpoint) every N epochs; always at the end")
     add(g, "--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add(g, "--seed", type=int, default=0)
     return p
@@ -128,7 +130,7 @@ def validate(args):
     if min(args.input_size) < 32:
         raise UsageError(f"--input-size must be at least 32 (the network's total stride), got {args.input_size}")
     _positive(args, "batch_size", "accum_iter", "epochs", "max_steps", "nb_classes", "train_subset", "val_subset",
-              "keep_checkpoints", "log_every", "save_every_steps")
+              "keep_checkpoints", "log_every", "save_every_steps", "eval_every_epochs")
     check_bad_image_options(args)
     if args.skip_nonfinite < 0:
         raise UsageError(f"--skip-nonfinite must be >= 0, got {args.skip_nonfinite}")

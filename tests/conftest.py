@@ -4,6 +4,9 @@ import pytest
 import torch
 
 HAS_MINKOWSKI = importlib.util.find_spec("MinkowskiEngine") is not None
+# fine-tuning kept tiny and fast: atto at 32x32, a few hundred Fashion-MNIST images, no worker processes
+FAST_FINETUNE = ["--model", "convnextv2_atto", "--input-size", "32", "--batch-size", "32", "--num-workers", "0",
+                 "--val-subset", "200", "--log-every", "5"]
 
 
 def pytest_addoption(parser):
@@ -31,3 +34,25 @@ def randomize_grn(model, std=0.5, seed=0):
             if ".grn." in name:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
     return model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many small in-process runs (`pytestmark = pytest.mark.usefixtures("one_thread")`): the test
+    machine's cores are shared, and one thread avoids oversubscription stalls that cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(tmp_path_factory):
+    """(output dir, checkpoint) of the pretraining CLI: 2 steps without warm-up, so Adam's first steps move every
+    tensor (GRN included) by about the lr away from its initial value."""
+    from fcmae.pretrain import main as pretrain
+
+    out = tmp_path_factory.mktemp("pretrain")
+    pretrain(["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "8", "--max-steps", "2",
+              "--lr", "1e-3", "--warmup-epochs", "0", "--num-workers", "0", "--output-dir", str(out)])
+    return out, str(out / "checkpoint-00000002.pth")

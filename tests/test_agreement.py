@@ -18,8 +18,14 @@ def run(model, backend, imgs, mask):
     return loss.detach(), pred.detach(), {k: p.grad.detach().clone() for k, p in model.named_parameters()}
 
 
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+MEASURED = {}  # (backend, dtype) -> the largest relative difference seen, for test_report_measured_agreement
+
+
+def rel(a, b, key=None):
+    value = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    if key is not None:
+        MEASURED[key] = max(MEASURED.get(key, 0.0), value)
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +56,13 @@ def test_backend_matches_dense_oracle(atto64, backend, grn_stats, batch, size):
     atto64.encoder.grn_stats = grn_stats
     loss_d, pred_d, grads_d = oracle(atto64, imgs, mask, (grn_stats, batch, size))
     loss_b, pred_b, grads_b = run(atto64, backend, imgs, mask)
-    assert abs(loss_b - loss_d).item() <= 1e-5 * abs(loss_d).item()
-    assert rel(pred_b, pred_d) <= 1e-5
+    key = (backend, "float64")
+    assert rel(loss_b, loss_d, key) <= 1e-5
+    assert rel(pred_b, pred_d, key) <= 1e-5
     assert grads_b.keys() == grads_d.keys()
     for name, g in grads_d.items():
         assert g.norm() > 0, f"{name} got no gradient"
-        assert rel(grads_b[name], g) <= 1e-5, name
+        assert rel(grads_b[name], g, key) <= 1e-5, name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,9 +73,9 @@ def test_float32_agreement(backend):
     mask = random_mask(2, 12, 0.6)
     loss_d, _, grads_d = run(model, "dense", imgs, mask)
     loss_b, _, grads_b = run(model, backend, imgs, mask)
-    assert abs(loss_b - loss_d).item() <= 1e-4 * abs(loss_d).item()
+    assert rel(loss_b, loss_d, (backend, "float32")) <= 1e-4
     for name, g in grads_d.items():
-        assert rel(grads_b[name], g) <= 1e-4, name
+        assert rel(grads_b[name], g, (backend, "float32")) <= 1e-4, name
 
 
 def timm_blocks_on_masked_input(timm_model, imgs, mask):
@@ -123,3 +130,10 @@ def test_fully_visible_encoder_equals_timm_forward_features():
         for backend in ["dense", "sparse"]:
             model.encoder.set_backend(backend)
             assert torch.allclose(model.encoder(imgs, mask), ref, rtol=1e-9, atol=1e-10), backend
+
+
+def test_report_measured_agreement():
+    """Prints the largest relative difference to the dense oracle (loss, predictions, every gradient) that the
+    tests above measured (pytest -s); runs last in this module."""
+    for (backend, dtype), value in sorted(MEASURED.items()):
+        print(f"max relative difference to dense, {backend}, {dtype}: {value:.1e}")

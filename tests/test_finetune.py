@@ -8,36 +8,21 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 
 from fcmae.checkpoint import load
 from finetune.__main__ import run
 from finetune.data import stratified_subset
+from tests.conftest import FAST_FINETUNE
 
-# Tiny and fast: atto at 32x32, a few hundred Fashion-MNIST images, no worker processes.
-FAST = ["--model", "convnextv2_atto", "--input-size", "32", "--batch-size", "32", "--num-workers", "0",
-        "--val-subset", "200", "--log-every", "5"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine's cores are shared: one thread avoids oversubscription stalls that cost 10x
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = FAST_FINETUNE
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A checkpoint written by the pretraining CLI; without warmup, Adam's first steps move every tensor (GRN
-    included) by about the lr away from its initial value."""
-    from fcmae.pretrain import main as pretrain
-
-    out = tmp_path_factory.mktemp("pretrain")
-    pretrain(["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "8", "--max-steps", "2",
-              "--lr", "1e-3", "--warmup-epochs", "0", "--num-workers", "0", "--output-dir", str(out)])
-    return str(out / "checkpoint-00000002.pth")
+def pretrained(pretrain_run):
+    return pretrain_run[1]
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +111,13 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(s["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
 
 
+def test_eval_every_epochs(tmp_path):
+    run(FAST + ["--train-subset", "32", "--batch-size", "16", "--epochs", "3", "--eval-every-epochs", "2",
+                "--val-subset", "16", "--no-model-ema", "--output-dir", str(tmp_path)])
+    with open(tmp_path / "summary.csv") as f:
+        assert [(r["epoch"], r["step"]) for r in csv.DictReader(f)] == [("1", "4"), ("2", "6")]  # epoch 2, then the end
+
+
 def test_image_folders_and_label_fraction(tmp_path):
     """train/ and val/ class folders; val may use fewer classes; --label-fraction keeps a seeded subset."""
     root = tmp_path / "data"
@@ -161,7 +153,7 @@ def test_configs():
     from finetune.options import build_parser, validate
     from models import VARIANTS
 
-    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "finetune", "*.yaml")))
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "finetune", "convnextv2_*.yaml")))
     assert sorted(os.path.basename(p)[:-5] for p in paths) == sorted(VARIANTS)
     recipes = {  # reference notes, fine-tuning table: blr, epochs, warmup, layer decay, wd, drop-path, mixup, cutmix, smoothing
         "convnextv2_atto": (2e-4, 600, 0, "single", 0.9, 0.3, 0.1, 0.0, 0.0, 0.2),
@@ -178,6 +170,20 @@ def test_configs():
             assert got == recipes[args.model], args.model
         else:
             assert "OUR CHOICE" in open(path).read(), path
+
+
+def test_demo_config_is_the_readme_path(pretrained):
+    """configs/finetune/fashion_mnist_demo.yaml starts from the checkpoint tools/pretrain.sh writes last."""
+    from fcmae.config import parse_with_config
+    from finetune.options import build_parser, validate
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    demo = parse_with_config(build_parser(), ["-c", os.path.join(root, "configs", "finetune", "fashion_mnist_demo.yaml")])
+    pre = yaml.safe_load(open(os.path.join(root, "configs", "pretrain", "fashion_mnist_demo.yaml")))
+    assert demo.finetune == os.path.join(pre["output-dir"], f"checkpoint-{pre['max-steps']:08d}.pth")
+    demo.finetune = pretrained  # the real one is made by the README's first command
+    validate(demo)
+    assert demo.label_fraction == 0.1 and demo.input_size == (64, 64)
 
 
 def test_randaugment_posterize_zero_bits():

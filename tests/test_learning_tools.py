@@ -20,38 +20,19 @@ from finetune.model import LinearProbe, create_classifier
 from finetune.options import parse_args
 from models import create_fcmae
 from models.convert import read_checkpoint, save_converted, to_canonical
+from tests.conftest import FAST_FINETUNE
 from tools import knn_eval, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--model", "convnextv2_atto", "--input-size", "32", "--batch-size", "32", "--num-workers", "0",
-        "--val-subset", "200", "--log-every", "5"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine's cores are shared: one thread avoids oversubscription stalls that cost 10x
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+FAST = FAST_FINETUNE
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """(output dir, checkpoint) of the pretraining CLI: 2 steps without warm-up, so every tensor has moved."""
-    from fcmae.pretrain import main as pretrain
-
-    out = tmp_path_factory.mktemp("pretrain")
-    pretrain(["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "8", "--max-steps", "2",
-              "--lr", "1e-3", "--warmup-epochs", "0", "--num-workers", "0", "--output-dir", str(out)])
-    return out, str(out / "checkpoint-00000002.pth")
-
-
-@pytest.fixture(scope="module")
-def encoder_only(tmp_path_factory, pretrained):
+def encoder_only(tmp_path_factory, pretrain_run):
     """The same weights converted to the reference MinkowskiEngine layout (decoder kept) and to timm (none)."""
     out = tmp_path_factory.mktemp("converted")
-    name, _, state = to_canonical(read_checkpoint(pretrained[1]))
+    name, _, state = to_canonical(read_checkpoint(pretrain_run[1]))
     save_converted(name, state, "reference", str(out / "reference.pth"))
     save_converted(name, state, "timm", str(out / "timm.pth"))
     return str(out / "reference.pth"), str(out / "timm.pth")
@@ -114,10 +95,10 @@ def test_monitor_grn_norms():
     assert tags["collapse/stage3_dead_fraction"] == stats["dead_fraction"][3]
 
 
-def test_pretraining_logs_the_monitor(pretrained):
+def test_pretraining_logs_the_monitor(pretrain_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out, _ = pretrained
+    out, _ = pretrain_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert sorted(metrics["collapse"]) == sorted(
         [f"collapse/stage{i}_dead_fraction" for i in range(4)] + [f"grn/stage{i}_{n}_norm" for i in range(4)
@@ -134,8 +115,8 @@ def test_pretraining_logs_the_monitor(pretrained):
 # Reconstruction grid
 
 
-def test_visualize_grid(tmp_path, pretrained, encoder_only):
-    _, ckpt = pretrained
+def test_visualize_grid(tmp_path, pretrain_run, encoder_only):
+    _, ckpt = pretrain_run
     argv = ["--num", "3", "--input-size", "64", "--seed", "5"]
     done = visualize.run([ckpt, "--out", str(tmp_path / "a.png")] + argv)
     assert done["images"] == 3 and done["norm_pix_loss"] and done["mask_ratio"] == 0.6 and done["decoder_dim"] == 512
@@ -157,8 +138,8 @@ def test_visualize_grid(tmp_path, pretrained, encoder_only):
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "d.png").read_bytes()
 
 
-def test_visualize_errors(tmp_path, pretrained, encoder_only, capsys):
-    ckpt, out = pretrained[1], ["--out", str(tmp_path / "g.png")]
+def test_visualize_errors(tmp_path, pretrain_run, encoder_only, capsys):
+    ckpt, out = pretrain_run[1], ["--out", str(tmp_path / "g.png")]
     cases = [
         ([str(tmp_path / "missing.pth")] + out, "checkpoint not found"),
         ([encoder_only[1]] + out, "encoder-only or fine-tuning checkpoint"),
@@ -201,8 +182,8 @@ def test_knn_scores_by_hand():
     assert torch.allclose(every.sum(dim=1), (b @ a.T).exp().sum(dim=1), rtol=1e-5)
 
 
-def test_knn_eval_end_to_end(tmp_path, pretrained):
-    _, ckpt = pretrained
+def test_knn_eval_end_to_end(tmp_path, pretrain_run):
+    _, ckpt = pretrain_run
     name, encoder = knn_eval.encoder_from_checkpoint(ckpt)
     saved = load(ckpt)["model"]
     assert name == "convnextv2_atto"
@@ -267,10 +248,10 @@ def test_linear_probe_module():
     assert t_probe < 0.6 * t_full, (t_probe, t_full)
 
 
-def test_linear_probe_run(tmp_path, pretrained):
+def test_linear_probe_run(tmp_path, pretrain_run):
     """From a pretraining checkpoint: the encoder stays bit-identical, the head learns, the loss falls, only the
     head is in the optimiser, and --eval on the probe checkpoint reproduces the logged accuracy."""
-    _, ckpt = pretrained
+    _, ckpt = pretrain_run
     out = tmp_path / "probe"
     metrics = finetune(FAST + ["--finetune", ckpt, "--linear-probe", "--train-subset", "320", "--epochs", "2",
                                "--lr", "1e-2", "--output-dir", str(out)])
@@ -295,7 +276,7 @@ def test_linear_probe_run(tmp_path, pretrained):
     assert result["acc1"] > 20.0  # chance is 10%
 
 
-def test_image_folders(tmp_path, pretrained):
+def test_image_folders(tmp_path, pretrain_run):
     """--data-path: kNN on train/ and val/ class folders (dark vs bright images: every neighbour agrees), and
     the reconstruction grid from a folder of images."""
     rng = np.random.default_rng(0)
@@ -305,7 +286,7 @@ def test_image_folders(tmp_path, pretrained):
             for i in range(n):
                 pixels = np.clip(level + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
-    _, ckpt = pretrained
+    _, ckpt = pretrain_run
     result = knn_eval.knn_eval(ckpt, data_path=str(tmp_path), input_size=32, k=5, num_workers=0)
     assert (result["train_images"], result["val_images"], result["acc1"]) == (24, 8, 100.0)
     done = visualize.run([ckpt, "--data-path", str(tmp_path / "val"), "--num", "2", "--out", str(tmp_path / "g.png")])

@@ -43,21 +43,18 @@ def test_depthwise_kernel_mapping_matches_conv2d(ME, stride):
     c, k = 5, 7
     vis = torch.rand(2, 9, 11) < 0.5  # arbitrary pattern: not aligned to any window
     x = torch.randn(2, c, 9, 11, dtype=torch.float64) * vis[:, None]
-    weight = torch.randn(c, 1, k, k, dtype=torch.float64, requires_grad=True)
+    conv = torch.nn.Conv2d(c, c, k, padding=k // 2, groups=c).double()  # timm's depthwise conv
     sparse = to_sparse(ME, x, vis, stride)
 
-    ours = ChannelwiseConv(ME, sparse, k)(sparse.F, depthwise_kernel(weight))
-    ref = at_sites(F.conv2d(x, weight, padding=k // 2, groups=c), sparse.C, stride)
+    ours = ChannelwiseConv(ME, sparse, c, k)(sparse.F, conv)  # ME's MinkowskiChannelwiseConvolution
+    ref = at_sites(conv(x), sparse.C, stride)  # masked neighbours are zero in x: submanifold = dense at the sites
     assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
 
-    stock = ME.MinkowskiChannelwiseConvolution(c, kernel_size=k, dimension=2).double()
-    with torch.no_grad():
-        stock.kernel.copy_(depthwise_kernel(weight))
-    assert torch.allclose(stock(sparse).F, ours, rtol=1e-12, atol=1e-12)  # we reproduce the stock layer
-
-    grad = torch.autograd.grad(ours.square().sum(), weight)[0]  # the conversion carries gradients to the timm weight
-    ref_grad = torch.autograd.grad(ref.square().sum(), weight)[0]
-    assert torch.allclose(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    # the kernel conversion carries the gradients to the timm weight and bias
+    grads = torch.autograd.grad(ours.square().sum(), [conv.weight, conv.bias])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [conv.weight, conv.bias])
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-10, atol=1e-12)
 
 
 @needs_me

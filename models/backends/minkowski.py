@@ -29,28 +29,20 @@ def conv_kernel(weight: torch.Tensor) -> torch.Tensor:
 
 
 class ChannelwiseConv:
-    """Submanifold depthwise conv on one coordinate map, computed the way MinkowskiChannelwiseConvolution.forward
-    does (per kernel offset, scatter-add input rows times the offset's kernel row into output rows), but with
-    a kernel we pass in, so it can be derived from the timm weight. The kernel map is built once per stage and
-    reused by all of the stage's blocks."""
+    """MinkowskiEngine's own depthwise layer, MinkowskiChannelwiseConvolution (submanifold: outputs at the input
+    sites, summing visible neighbours only), run on one stage's coordinate map with the kernel and bias derived
+    from timm's weights (torch.func.functional_call), so the gradients land on the timm parameters."""
 
-    def __init__(self, ME, tensor, kernel_size: int):
+    def __init__(self, ME, tensor, channels: int, kernel_size: int):
         """tensor: the stage's ME SparseTensor (its coordinate map and manager are used, not its features)."""
-        gen = ME.KernelGenerator(kernel_size=kernel_size, stride=1, dilation=1, dimension=2)
-        region_type, region_offset, _ = gen.get_kernel(tensor.tensor_stride, False)
-        key = tensor.coordinate_map_key
-        kernel_map = tensor.coordinate_manager.kernel_map(
-            key, key, gen.kernel_stride, gen.kernel_size, gen.kernel_dilation,
-            region_type=region_type, region_offset=region_offset,
-        )
-        self.pairs = [(k, io[0].long(), io[1].long()) for k, io in sorted(kernel_map.items())]
+        self.ME, self.key, self.manager = ME, tensor.coordinate_map_key, tensor.coordinate_manager
+        self.layer = ME.MinkowskiChannelwiseConvolution(channels, kernel_size=kernel_size, bias=True, dimension=2)
 
-    def __call__(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        """x: (V, C) features in the map's row order; kernel: (k * k, C). Returns (V, C)."""
-        out = torch.zeros_like(x)
-        for k, src, dst in self.pairs:
-            out.index_add_(0, dst, x[src] * kernel[k])  # autograd-safe: index_add_ saves nothing of `out`
-        return out
+    def __call__(self, x: torch.Tensor, conv) -> torch.Tensor:
+        """x: (V, C) features in the map's row order; conv: timm's depthwise nn.Conv2d. Returns (V, C)."""
+        params = {"kernel": depthwise_kernel(conv.weight), "bias": conv.bias.view(1, -1)}
+        sparse = self.ME.SparseTensor(x, coordinate_map_key=self.key, coordinate_manager=self.manager)
+        return torch.func.functional_call(self.layer, params, (sparse,)).F
 
 
 class MinkowskiBackend:
@@ -75,7 +67,7 @@ class MinkowskiBackend:
         for i, stage in enumerate(encoder.stages):
             if i > 0:
                 x = self.downsample(ME, stage.downsample, x)
-            dw_conv = ChannelwiseConv(ME, x, stage.blocks[0].conv_dw.weight.shape[-1])
+            dw_conv = ChannelwiseConv(ME, x, x.F.shape[1], stage.blocks[0].conv_dw.weight.shape[-1])
             sample = x.C[:, 0].long()  # image index of every site, for per-sample GRN statistics
             feats = x.F
             for blk in stage.blocks:
@@ -100,8 +92,7 @@ class MinkowskiBackend:
     @staticmethod
     def block_branch(blk, x, dw_conv: ChannelwiseConv, sample, batch: int, grn_stats: str):
         """x: (V, C) site features -> the block's residual branch (V, C)."""
-        dw = blk.conv_dw
-        y = dw_conv(x, depthwise_kernel(dw.weight)) + dw.bias  # bias only at the sites, which are all visible
+        y = dw_conv(x, blk.conv_dw)  # bias only at the sites, which are all visible
         y = F.gelu(linear(layer_norm(y, blk.norm), blk.mlp.fc1))
         grn = blk.mlp.grn
         y = grn_apply(y, gathered_norms(y, sample, batch, grn_stats), grn.weight, grn.bias)

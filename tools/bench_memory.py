@@ -1,0 +1,109 @@
+"""The largest pretraining batch that fits in a memory budget, with and without activation checkpointing.
+
+    python -m tools.bench_memory                          # convnextv2_huge, 224x224, 24 GiB, CPU
+    python -m tools.bench_memory --model convnextv2_base --limit-gib 16 --json out.json
+
+Each measurement is one full pretraining step (forward, backward, AdamW, which allocates its state in that step)
+in a fresh process, so its peak resident memory (VmHWM) is the step's alone. Peak memory is close to linear in
+the batch: two small batches give the line, the largest batch under the budget is predicted from it and then
+measured (and stepped down while it does not fit). The budget is also capped by the memory this machine has
+free, so the search never runs the machine out of memory.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+GIB = 2 ** 30
+
+
+def step_peak(model: str, size: int, batch: int, checkpointing: bool, backend: str, threads: int) -> dict:
+    """Run in a child process: one pretraining step; peak RSS in bytes and the step's seconds."""
+    import torch
+
+    from fcmae.engine import train_step
+    from models import create_fcmae, random_mask
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    fcmae = create_fcmae(model, backend=backend)
+    fcmae.encoder.grad_checkpointing = checkpointing
+    optimizer = torch.optim.AdamW(fcmae.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    imgs = torch.randn(batch, 3, size, size)
+    mask = random_mask(batch, (size // 32) ** 2, 0.6)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    t0 = time.perf_counter()
+    loss, _ = train_step(fcmae, [(imgs, mask)], optimizer, scaler, torch.device("cpu"), "none")
+    seconds = time.perf_counter() - t0
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return {"batch": batch, "peak_bytes": peak, "step_seconds": seconds, "loss": loss}
+
+
+def measure(args, batch: int, checkpointing: bool) -> dict:
+    code = ("import json, sys; from tools.bench_memory import step_peak; "
+            f"print(json.dumps(step_peak({args.model!r}, {args.input_size}, {batch}, {checkpointing}, "
+            f"{args.backend!r}, {args.threads})))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if res.returncode != 0:  # killed for memory, most likely
+        return {"batch": batch, "peak_bytes": None, "error": (res.stderr.strip().splitlines() or ["killed"])[-1]}
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"  batch {batch:4d}  checkpointing {'on ' if checkpointing else 'off'}  peak "
+          f"{out['peak_bytes'] / GIB:6.2f} GiB  step {out['step_seconds']:7.1f} s", flush=True)
+    return out
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info["MemAvailable"]
+
+
+def largest_batch(args, checkpointing: bool, budget: int) -> dict:
+    a, b = measure(args, args.probe_batches[0], checkpointing), measure(args, args.probe_batches[1], checkpointing)
+    per_image = (b["peak_bytes"] - a["peak_bytes"]) / (b["batch"] - a["batch"])
+    fixed = a["peak_bytes"] - per_image * a["batch"]
+    batch = max(int((budget - fixed) // per_image), 1)
+    tried = [a, b]
+    while batch >= 1:
+        res = measure(args, batch, checkpointing)
+        tried.append(res)
+        if res["peak_bytes"] is not None and res["peak_bytes"] <= budget:
+            break
+        batch = int(batch * 0.9)
+    return {"checkpointing": checkpointing, "fixed_bytes": fixed, "per_image_bytes": per_image, "best": res,
+            "measurements": tried}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tools.bench_memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="convnextv2_huge")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--backend", default="sparse")
+    p.add_argument("--limit-gib", type=float, default=24.0)
+    p.add_argument("--probe-batches", type=int, nargs=2, default=[1, 3])
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    budget = min(args.limit_gib * GIB, available_bytes() - GIB // 2)
+    print(f"{args.model} at {args.input_size}, {args.backend} backend: budget {budget / GIB:.1f} GiB "
+          f"(--limit-gib {args.limit_gib}, capped by this machine's free memory)", flush=True)
+    results = [largest_batch(args, cp, budget) for cp in (False, True)]
+    for r in results:
+        best = r["best"]
+        print(f"checkpointing {'on ' if r['checkpointing'] else 'off'}: largest batch {best['batch']}, peak "
+              f"{best['peak_bytes'] / GIB:.2f} GiB, step {best['step_seconds']:.1f} s "
+              f"({best['batch'] / best['step_seconds']:.2f} img/s); {r['fixed_bytes'] / GIB:.2f} GiB fixed + "
+              f"{r['per_image_bytes'] / 2 ** 20:.0f} MiB per image")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "input_size": args.input_size, "budget_bytes": budget,
+                       "results": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
