@@ -19,7 +19,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.40", "scikit-image"],
+        "dev": ["pytest", "transformers>=4.40", "scikit-image", "matplotlib"],
         # MinkowskiEngine must be built from source against the installed torch; tools/setup.sh does it
         # (see README, "MinkowskiEngine"). Listed so that `pip install .[minkowski]` documents the need.
         "minkowski": ["MinkowskiEngine==0.5.4", "ninja"],
@@ -29,6 +29,8 @@ setup(
             "fcmae-pretrain=fcmae.pretrain:cli",
             "fcmae-finetune=finetune.__main__:main",
             "fcmae-convert=tools.convert:main",
+            "fcmae-visualize=tools.visualize:main",
+            "fcmae-knn=tools.knn_eval:main",
         ]
     },
 )

@@ -244,6 +244,9 @@ def train(args, dist_info, dataset, state=None):
     if state is not None:
         step, history = resume(state, model_without_ddp, optimizer, scaler)
         log.info("resumed from %s at step %d", path, step)
+    if step >= total_steps:  # a finished run started again: keep its outputs as they are
+        log.info("nothing to do: the run in %s is complete at step %d of %d", args.output_dir, step, total_steps)
+        return
     if dist_info.is_main:
         ckpt.remove_stale_temporaries(args.output_dir)
         with open(os.path.join(args.output_dir, "config.yaml"), "w") as f:

@@ -18,10 +18,13 @@ def test_smoke_budget_end_to_end(tmp_path):
     assert all(0 <= p["acc1"] <= 100 for p in result["knn"])
     assert set(result["runs"]) == {"probe", "fcmae_0.01", "scratch_0.01"}
     assert all(r["steps"] == 3 for r in result["runs"].values())
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert set(timings) == {"pretraining"} | {r["dir"] for r in result["runs"].values()}
+    assert result["minutes"]["total"] == pytest.approx(sum(result["minutes"][k] for k in result["minutes"] if k != "total"))
     md = (out / "results.md").read_text()
     assert "| 1% (600 images) |" in md and "linear probe" in md and "| kNN top-1 |" in md
     assert json.loads((out / "results.json").read_text())["settings"] == {
-        **BUDGETS["smoke"].__dict__, "finetune": {"0.01": [1, 1]}}
+        **BUDGETS["smoke"].__dict__, "finetune": {"0.01": [1, 64]}}
     for png in ("curves.png", "reconstructions.png"):
         assert Image.open(out / png).size[0] > 100
     # a second run finds every stage done: the same numbers, nothing retrained

@@ -204,7 +204,7 @@ def test_knn_eval_end_to_end(tmp_path, pretrain_run):
 def test_probe_defaults_and_precedence():
     args = parse_args(["--linear-probe", "--smoothing", "0.1"])
     assert (args.mixup, args.cutmix, args.aa, args.reprob, args.drop_path, args.weight_decay, args.layer_decay,
-            args.model_ema, args.blr) == (0.0, 0.0, "none", 0.0, 0.0, 0.0, 1.0, False, 1e-3)
+            args.model_ema, args.blr) == (0.0, 0.0, "none", 0.0, 0.0, 0.0, 1.0, False, 4e-2)
     assert args.smoothing == 0.1  # an explicit flag wins
     config = ["-c", os.path.join(ROOT, "configs", "finetune", "convnextv2_tiny.yaml")]
     assert parse_args(config).mixup == 0.8

@@ -2,16 +2,17 @@
 dataset-fashion-mnist) that fits a 2-core CPU in under an hour:
 
 1. FCMAE-pretrain convnextv2_atto on the 60k training images without labels, at 128x128 (a 4x4 mask grid;
-   the reference recipe otherwise: mask 0.6, 512-dim decoder, norm-pix loss), checkpointing along the way;
-2. kNN top-1 (cosine, k=20) of the encoder at each checkpoint, from the random init on;
+   the reference recipe otherwise: mask 0.6, 512-dim decoder, norm-pix loss), checkpointing every epoch;
+2. kNN top-1 (cosine, k=20) of the encoder after each epoch, and of the random init;
 3. a linear probe of the final encoder;
-4. fine-tuning with 1% and 10% of the labels (100% with --full), and the same model trained from scratch with
-   the same budget and recipe (no layer decay: it has no pretrained layers to protect);
+4. fine-tuning with 1% and 10% of the labels (100% with --budget full), and the same model trained from scratch
+   with the same budget and recipe (no layer decay: it has no pretrained layers to protect);
 5. results.md (table), results.json, curves.png (loss and kNN curves) and reconstructions.png in --out.
 
-Fine-tuning, kNN and the probe run at 64x64: the network is fully convolutional, and 64 px costs a quarter of
-128 px. Every accuracy is top-1 on the 10k test images. Every stage is an ordinary run of the project's CLIs in
---work-dir, so an interrupted experiment continues where it stopped when run again.
+Evaluation runs at the pretraining resolution, 128x128, except the 10% fine-tuning runs, at 64x64 to fit the
+hour (the network is fully convolutional). Every accuracy is top-1 on the 10k test images. Each stage is an
+ordinary run of the project's CLIs in --work-dir and is reused when finished, so an interrupted experiment
+continues where it stopped; each stage's wall time is kept in WORK_DIR/timings.json as measured when it ran.
 
     python -m tools.experiment_fashion_mnist                 # ~55 min on a 2-core CPU
     python -m tools.experiment_fashion_mnist --budget full   # longer pretraining, 100% labels too
@@ -30,7 +31,6 @@ import torch
 log = logging.getLogger("fcmae")
 MODEL = "convnextv2_atto"
 PRETRAIN_SIZE = 128
-FINETUNE_SIZE = 64
 
 
 @dataclass
@@ -38,35 +38,38 @@ class Budget:
     pretrain_epochs: int
     pretrain_checkpoints: int  # evenly spaced, for the kNN curve
     knn_bank: int  # labelled training images the test images look up (stratified)
+    knn_test: int  # test images for the kNN curve (0: all 10k)
     probe_epochs: int
     probe_fraction: float
-    finetune: Dict[float, List[int]] = field(default_factory=dict)  # label fraction -> [epochs, eval every]
+    finetune: Dict[float, List[int]] = field(default_factory=dict)  # label fraction -> [epochs, input size]
+    eval_size: int = PRETRAIN_SIZE  # kNN and the probe
     max_pretrain_steps: int = 0  # only for the smoke budget
     max_finetune_steps: int = 0
-    test_subset: int = 0  # 0: all 10k test images
+    test_subset: int = 0  # fine-tuning and probe evaluation (0: all 10k test images)
 
 
 BUDGETS = {
-    # measured on this 2-core CPU with data loading: pretraining ~100 img/s at 128 px (28 min), fine-tuning ~130
-    # img/s at 64 px (3.5 and 5 min a run), kNN ~40 s a checkpoint
-    "default": Budget(pretrain_epochs=3, pretrain_checkpoints=4, knn_bank=10000, probe_epochs=3, probe_fraction=0.1,
-                      finetune={0.01: [40, 20], 0.1: [6, 3]}),
-    "full": Budget(pretrain_epochs=20, pretrain_checkpoints=10, knn_bank=60000, probe_epochs=10, probe_fraction=1.0,
-                   finetune={0.01: [100, 25], 0.1: [30, 10], 1.0: [10, 5]}),
+    # measured on this 2-core CPU with data loading: pretraining ~100 img/s at 128 px (30 min), fine-tuning ~37
+    # img/s at 128 px and ~130 at 64 px (6 and 3 min a run), kNN ~1.5 min a checkpoint at 128 px
+    "default": Budget(pretrain_epochs=3, pretrain_checkpoints=3, knn_bank=5000, knn_test=5000, probe_epochs=3,
+                      probe_fraction=0.1, finetune={0.01: [20, 128], 0.1: [3, 64]}),
+    "full": Budget(pretrain_epochs=20, pretrain_checkpoints=10, knn_bank=60000, knn_test=0, probe_epochs=10,
+                   probe_fraction=1.0, finetune={0.01: [100, 128], 0.1: [30, 128], 1.0: [10, 128]}),
     # the test's smoke run: every stage, a few steps each
-    "smoke": Budget(pretrain_epochs=1, pretrain_checkpoints=2, knn_bank=200, probe_epochs=1, probe_fraction=0.01,
-                    finetune={0.01: [1, 1]}, max_pretrain_steps=4, max_finetune_steps=3, test_subset=100),
+    "smoke": Budget(pretrain_epochs=1, pretrain_checkpoints=2, knn_bank=200, knn_test=100, probe_epochs=1,
+                    probe_fraction=0.01, finetune={0.01: [1, 64]}, eval_size=64, max_pretrain_steps=4,
+                    max_finetune_steps=3, test_subset=100),
 }
 
 
-def finetune_recipe(budget: Budget, epochs: int, eval_every: int) -> List[str]:
+def finetune_recipe(budget: Budget, epochs: int, size: int) -> List[str]:
     """Our short-schedule version of the reference atto recipe, shared by FCMAE and scratch runs: batch 64,
-    lr 1e-3 with a warm-up of a tenth of the run, no RandAugment/mixup (60-odd epochs of 28x28 grey images),
-    label smoothing 0.1, drop-path 0.1, no EMA (0.9999 barely moves in so few steps)."""
-    argv = ["--model", MODEL, "--input-size", str(FINETUNE_SIZE), "--batch-size", "64", "--epochs", str(epochs),
+    lr 1e-3 with a warm-up of a tenth of the run, no RandAugment/mixup (a few epochs of 28x28 grey images),
+    label smoothing 0.1, drop-path 0.1, no EMA (0.9999 barely moves in so few steps); evaluated at the end."""
+    argv = ["--model", MODEL, "--input-size", str(size), "--batch-size", "64", "--epochs", str(epochs),
             "--warmup-epochs", str(max(epochs / 10, 1)), "--lr", "1e-3", "--min-lr", "1e-6", "--weight-decay",
             "0.05", "--drop-path", "0.1", "--smoothing", "0.1", "--aa", "none", "--reprob", "0", "--no-model-ema",
-            "--eval-every-epochs", str(eval_every), "--log-every", "50"]
+            "--eval-every-epochs", str(epochs), "--log-every", "50"]
     return argv + test_and_steps(budget, budget.max_finetune_steps)
 
 
@@ -113,18 +116,18 @@ def knn_curve(budget: Budget, work: str, pretrain_dir: str, workers: int) -> Lis
 
     cache_path = os.path.join(work, "knn.json")
     cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
-    # the random init, every checkpoint interval, the end (end-of-epoch checkpoints are left out: kNN costs)
+    # the random init, every checkpoint interval and the end (other checkpoints are left out: kNN costs)
     steps, every = pretrain_steps(budget)
     saved = {int(os.path.basename(p)[11:19]): p for p in ckpt.list_checkpoints(pretrain_dir)}
     points = [(0, random_init_encoder(work, seed=0))]
     points += [(s, saved[s]) for s in sorted(saved) if s % every == 0 or s == steps]
     curve = []
     for step, path in points:
-        key = f"{step}:{budget.knn_bank}:{budget.test_subset}"
+        key = f"{step}:{budget.eval_size}px:{budget.knn_bank}:{budget.knn_test}"
         if key not in cache:
             t0 = time.time()
-            res = knn_eval(path, input_size=(FINETUNE_SIZE, FINETUNE_SIZE), k=20, train_subset=budget.knn_bank,
-                           val_subset=budget.test_subset or None, num_workers=workers)
+            res = knn_eval(path, input_size=(budget.eval_size, budget.eval_size), k=20, train_subset=budget.knn_bank,
+                           val_subset=budget.knn_test or None, num_workers=workers)
             cache[key] = {"step": step, "acc1": res["acc1"], "acc5": res["acc5"], "seconds": time.time() - t0}
             log.info("kNN after %d pretraining steps: top-1 %.2f (%.0f s)", step, res["acc1"], cache[key]["seconds"])
             with open(cache_path, "w") as f:
@@ -133,23 +136,28 @@ def knn_curve(budget: Budget, work: str, pretrain_dir: str, workers: int) -> Lis
     return curve
 
 
-def finetune_runs(budget: Budget, work: str, pretrained: str, workers: int) -> Dict[str, dict]:
+def finetune_runs(budget: Budget, work: str, pretrained: str, workers: int, timings: "Timings") -> Dict[str, dict]:
+    """The probe and the fine-tuning runs; a run dir's name holds its settings, so a changed budget starts anew."""
     from finetune.__main__ import run
 
     results = {}
-    probe_dir = os.path.join(work, "probe")
-    results["probe"] = finished(probe_dir) or run(
-        ["--linear-probe", "--finetune", pretrained, "--model", MODEL, "--input-size", str(FINETUNE_SIZE),
-         "--batch-size", "64", "--epochs", str(budget.probe_epochs), "--label-fraction", str(budget.probe_fraction),
-         "--num-workers", str(workers), "--log-every", "50", "--output-dir", probe_dir]
-        + test_and_steps(budget, budget.max_finetune_steps))
-    for fraction, (epochs, every) in budget.finetune.items():
+    size = budget.eval_size
+    probe = f"probe_{budget.probe_fraction:g}_{size}px_{budget.probe_epochs}ep"
+    results["probe"] = timings.stage(probe, lambda: finished(os.path.join(work, probe)) or run(
+        ["--linear-probe", "--finetune", pretrained, "--model", MODEL, "--input-size", str(size),
+         "--batch-size", "64", "--epochs", str(budget.probe_epochs), "--eval-every-epochs", str(budget.probe_epochs),
+         "--label-fraction", str(budget.probe_fraction), "--num-workers", str(workers), "--log-every", "50",
+         "--output-dir", os.path.join(work, probe)] + test_and_steps(budget, budget.max_finetune_steps)))
+    results["probe"]["dir"] = probe
+    for fraction, (epochs, size) in budget.finetune.items():
         for init in ("fcmae", "scratch"):
-            out = os.path.join(work, f"finetune_{init}_{fraction:g}")
+            name = f"finetune_{init}_{fraction:g}_{size}px_{epochs}ep"
             start = ["--finetune", pretrained, "--layer-decay", "0.75"] if init == "fcmae" else ["--layer-decay", "1"]
-            results[f"{init}_{fraction:g}"] = finished(out) or run(
-                finetune_recipe(budget, epochs, every) + start + ["--label-fraction", str(fraction), "--num-workers",
-                                                                  str(workers), "--output-dir", out])
+            argv = finetune_recipe(budget, epochs, size) + start + [
+                "--label-fraction", str(fraction), "--num-workers", str(workers), "--output-dir", os.path.join(work, name)]
+            results[f"{init}_{fraction:g}"] = timings.stage(
+                name, lambda: finished(os.path.join(work, name)) or run(argv))
+            results[f"{init}_{fraction:g}"]["dir"] = name
     return results
 
 
@@ -157,6 +165,24 @@ def finished(out: str):
     """metrics.json of a run that completed earlier (an interrupted one resumes instead)."""
     path = os.path.join(out, "metrics.json")
     return json.load(open(path)) if os.path.exists(path) else None
+
+
+class Timings:
+    """Minutes each stage took when it ran, kept in WORK_DIR/timings.json: a stage reused from an earlier,
+    interrupted invocation keeps the time it took then, so the total is the experiment's, not the last call's."""
+
+    def __init__(self, work: str):
+        self.path = os.path.join(work, "timings.json")
+        self.minutes = json.load(open(self.path)) if os.path.exists(self.path) else {}
+
+    def stage(self, name: str, fn):
+        t0 = time.time()
+        result = fn()
+        if name not in self.minutes:
+            self.minutes[name] = (time.time() - t0) / 60
+            with open(self.path, "w") as f:
+                json.dump(self.minutes, f, indent=1)
+        return result
 
 
 def losses_of(run_dir: str) -> List[float]:
@@ -169,21 +195,25 @@ def losses_of(run_dir: str) -> List[float]:
 def write_results(out: str, budget_name: str, budget: Budget, work: str, knn: List[dict], runs: Dict[str, dict],
                   minutes: Dict[str, float]):
     os.makedirs(out, exist_ok=True)
-    table = ["| labels | from scratch | FCMAE + fine-tune | gain |", "|---|---|---|---|"]
-    for fraction in budget.finetune:
+    table = ["| labels | fine-tuning | from scratch | FCMAE + fine-tune | gain |", "|---|---|---|---|---|"]
+    for fraction, (epochs, size) in budget.finetune.items():
         s, f = runs[f"scratch_{fraction:g}"]["acc1"], runs[f"fcmae_{fraction:g}"]["acc1"]
-        table.append(f"| {fraction:.0%} ({round(fraction * 60000)} images) | {s:.2f} | {f:.2f} | {f - s:+.2f} |")
+        table.append(f"| {fraction:.0%} ({round(fraction * 60000)} images) | {epochs} epochs at {size} px | {s:.2f} | "
+                     f"{f:.2f} | {f - s:+.2f} |")
+    test = f"a stratified {budget.test_subset} of the 10k test images" if budget.test_subset else "the 10k test images"
+    knn_test = f"{budget.knn_test} test images" if budget.knn_test else "the 10k test images"
     lines = [f"# FCMAE on Fashion-MNIST ({budget_name} budget)", "",
-             "Top-1 (%) on the 10k test images" + (f" (a stratified {budget.test_subset} of them)" if budget.test_subset else "")
-             + f"; {MODEL}, pretrained at {PRETRAIN_SIZE} px, fine-tuned and evaluated at {FINETUNE_SIZE} px.", "",
+             f"Top-1 (%) on {test}; {MODEL} pretrained for {budget.pretrain_epochs} epochs at {PRETRAIN_SIZE} px on the "
+             "60k training images without labels.", "",
              *table, "",
-             f"- linear probe ({budget.probe_fraction:.0%} of the labels, {budget.probe_epochs} epochs): "
-             f"{runs['probe']['acc1']:.2f}",
-             f"- kNN (k=20, cosine, {budget.knn_bank} labelled images as the memory bank) after each number of "
-             "pretraining steps:", "",
+             f"- linear probe ({budget.probe_fraction:.0%} of the labels, {budget.probe_epochs} epochs at "
+             f"{budget.eval_size} px): {runs['probe']['acc1']:.2f}",
+             f"- kNN (k=20, cosine, {budget.eval_size} px, {budget.knn_bank} labelled training images as the memory "
+             f"bank, {knn_test}) after each number of pretraining steps:", "",
              "| pretraining steps | " + " | ".join(str(p["step"]) for p in knn) + " |",
              "|---|" + "---|" * len(knn),
              "| kNN top-1 | " + " | ".join(f"{p['acc1']:.2f}" for p in knn) + " |", "",
+             f"- collapse monitor at the end of pretraining: {collapse_line(work)}", "",
              "Wall time (minutes): " + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items()), "",
              "![curves](curves.png)", "", "![reconstructions](reconstructions.png)", ""]
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -191,7 +221,18 @@ def write_results(out: str, budget_name: str, budget: Budget, work: str, knn: Li
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"budget": budget_name, "settings": asdict(budget), "knn": knn, "runs": runs, "minutes": minutes},
                   f, indent=1)
-    plot_curves(os.path.join(out, "curves.png"), work, knn, budget)
+    plot_curves(os.path.join(out, "curves.png"), work, knn, budget, runs)
+
+
+def collapse_line(work: str) -> str:
+    """What the collapse monitor saw last in pretraining (metrics.json)."""
+    stats = json.load(open(os.path.join(work, "pretrain", "metrics.json")))["collapse"]
+
+    def per_stage(group: str, name: str) -> str:
+        return " / ".join(f"{stats[f'{group}/stage{i}_{name}']:.3g}" for i in range(4))
+
+    return (f"dead MLP channels per stage {per_stage('collapse', 'dead_fraction')}; GRN |gamma| "
+            f"{per_stage('grn', 'gamma_norm')}; |beta| {per_stage('grn', 'beta_norm')}")
 
 
 def smooth(values: List[float], width: int) -> List[float]:
@@ -202,7 +243,7 @@ def smooth(values: List[float], width: int) -> List[float]:
     return out
 
 
-def plot_curves(path: str, work: str, knn: List[dict], budget: Budget):
+def plot_curves(path: str, work: str, knn: List[dict], budget: Budget, runs: Dict[str, dict]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,7 +257,7 @@ def plot_curves(path: str, work: str, knn: List[dict], budget: Budget):
     axes[1].set(title="kNN top-1 vs pretraining", xlabel="pretraining step", ylabel="test top-1 (%)")
     for fraction in budget.finetune:
         for init, style in (("fcmae", "-"), ("scratch", "--")):
-            curve = losses_of(os.path.join(work, f"finetune_{init}_{fraction:g}"))
+            curve = losses_of(os.path.join(work, runs[f"{init}_{fraction:g}"]["dir"]))
             axes[2].plot(range(1, len(curve) + 1), smooth(curve, 10), style, label=f"{init}, {fraction:.0%} labels")
     axes[2].set(title="fine-tuning loss", xlabel="step", ylabel="loss (moving mean of 10)")
     axes[2].legend()
@@ -246,20 +287,18 @@ def main(argv=None) -> dict:
     budget = BUDGETS[args.budget]
     out = args.out or os.path.join(args.work_dir, "results")
     os.makedirs(args.work_dir, exist_ok=True)
-    minutes, t0 = {}, time.time()
-    pretrain_dir = pretrain(budget, args.work_dir, args.num_workers)
-    minutes["pretraining"] = (time.time() - t0) / 60
+    timings = Timings(args.work_dir)
+    pretrain_dir = timings.stage("pretraining", lambda: pretrain(budget, args.work_dir, args.num_workers))
     setup_logging(None)  # the CLIs point logging at their own dirs
     final = list_checkpoints(pretrain_dir)[0]
-    t1 = time.time()
     knn = knn_curve(budget, args.work_dir, pretrain_dir, args.num_workers)
-    minutes["kNN"] = (time.time() - t1) / 60
-    t1 = time.time()
-    runs = finetune_runs(budget, args.work_dir, final, args.num_workers)
-    minutes["probe + fine-tuning"] = (time.time() - t1) / 60
+    runs = finetune_runs(budget, args.work_dir, final, args.num_workers, timings)
     os.makedirs(out, exist_ok=True)
     render(final, os.path.join(out, "reconstructions.png"), num=6, seed=0)
-    minutes["total"] = (time.time() - t0) / 60
+    minutes = {"pretraining": timings.minutes["pretraining"], "kNN": sum(p["seconds"] for p in knn) / 60,
+               "probe": timings.minutes[runs["probe"]["dir"]],
+               "fine-tuning": sum(timings.minutes[r["dir"]] for k, r in runs.items() if k != "probe")}
+    minutes["total"] = sum(minutes.values())
     write_results(out, args.budget, budget, args.work_dir, knn, runs, minutes)
     setup_logging(None)
     log.info("results in %s:\n%s", out, open(os.path.join(out, "results.md")).read())
