@@ -5,7 +5,6 @@ alias. `-c/--config FILE.yaml` supplies defaults (keys in either spelling) that 
 an unknown key in the file is an error. The resolved configuration is written next to the run.
 """
 import argparse
-import sys
 
 import yaml
 

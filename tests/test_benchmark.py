@@ -20,3 +20,31 @@ def test_benchmark_smoke(tmp_path):
     for key in ("sparse_over_dense_time", "sparse_over_timm_supervised_time", "sparse_over_dense_peak_memory",
                 "finetune_over_bare_timm_time"):
         assert res["ratios"][key] > 0, key
+
+
+def test_bench_memory_finds_a_batch_under_the_budget(tmp_path):
+    """The largest-batch search on a tiny configuration: the batch it reports was measured under the budget."""
+    from tools import bench_memory
+
+    out = tmp_path / "mem.json"
+    results = bench_memory.main(["--model", "convnextv2_atto", "--input-size", "64", "--limit-gib", "0.9",
+                                 "--probe-batches", "8", "32", "--threads", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert [r["checkpointing"] for r in report["results"]] == [False, True]
+    for r in results:
+        best = r["best"]
+        assert best["peak_bytes"] <= report["budget_bytes"]
+        assert best["batch"] >= 1 and best["step_seconds"] > 0
+        assert r["per_image_bytes"] > 0
+
+
+def test_bench_memory_rejects_bad_arguments(capsys):
+    import pytest
+
+    from tools import bench_memory
+
+    for argv in (["--model", "convnextv2_giant"], ["--input-size", "100"], ["--probe-batches", "3", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            bench_memory.main(argv)
+        assert exc.value.code == 2, argv
+        assert "error:" in capsys.readouterr().err

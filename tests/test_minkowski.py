@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from models import SparseConvNeXtV2
 from models.backends import make_backend
-from models.backends.minkowski import ChannelwiseConv, conv_kernel, depthwise_kernel
+from models.backends.minkowski import ChannelwiseConv, conv_kernel
 from tests.conftest import HAS_MINKOWSKI, randomize_grn
 
 needs_me = pytest.mark.skipif(not HAS_MINKOWSKI, reason="MinkowskiEngine not installed (tools/setup.sh builds it)")

@@ -49,7 +49,9 @@ def measure(args, batch: int, checkpointing: bool) -> dict:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if res.returncode != 0:  # killed for memory, most likely
-        return {"batch": batch, "peak_bytes": None, "error": (res.stderr.strip().splitlines() or ["killed"])[-1]}
+        error = (res.stderr.strip().splitlines() or [f"killed (exit {res.returncode})"])[-1]
+        print(f"  batch {batch:4d}  checkpointing {'on ' if checkpointing else 'off'}  failed: {error}", flush=True)
+        return {"batch": batch, "peak_bytes": None, "error": error}
     out = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"  batch {batch:4d}  checkpointing {'on ' if checkpointing else 'off'}  peak "
           f"{out['peak_bytes'] / GIB:6.2f} GiB  step {out['step_seconds']:7.1f} s", flush=True)
@@ -64,7 +66,13 @@ def available_bytes() -> int:
 
 def largest_batch(args, checkpointing: bool, budget: int) -> dict:
     a, b = measure(args, args.probe_batches[0], checkpointing), measure(args, args.probe_batches[1], checkpointing)
+    for probe in (a, b):
+        if probe["peak_bytes"] is None:
+            raise SystemExit(f"error: the probe step at batch {probe['batch']} failed: {probe['error']}")
     per_image = (b["peak_bytes"] - a["peak_bytes"]) / (b["batch"] - a["batch"])
+    if per_image <= 0:  # memory noise larger than the batch's share: the line says nothing
+        raise SystemExit(f"error: peak memory did not grow from batch {a['batch']} to {b['batch']}; "
+                         "use larger --probe-batches")
     fixed = a["peak_bytes"] - per_image * a["batch"]
     batch = max(int((budget - fixed) // per_image), 1)
     tried = [a, b]
@@ -73,21 +81,41 @@ def largest_batch(args, checkpointing: bool, budget: int) -> dict:
         tried.append(res)
         if res["peak_bytes"] is not None and res["peak_bytes"] <= budget:
             break
-        batch = int(batch * 0.9)
+        if res["peak_bytes"] is None or res["batch"] <= b["batch"]:  # killed, or no room left to refit
+            batch = min(int(batch * 0.9), batch - 1)
+            continue
+        # over budget: the line through the small probe and this point is the better estimate at this scale
+        per_image = (res["peak_bytes"] - a["peak_bytes"]) / (res["batch"] - a["batch"])
+        fixed = a["peak_bytes"] - per_image * a["batch"]
+        batch = min(int((budget - fixed) // per_image), batch - 1)
+    if res["peak_bytes"] is None or res["peak_bytes"] > budget:
+        raise SystemExit(f"error: not even batch 1 fits in {budget / GIB:.1f} GiB "
+                         f"(checkpointing {'on' if checkpointing else 'off'})")
     return {"checkpointing": checkpointing, "fixed_bytes": fixed, "per_image_bytes": per_image, "best": res,
             "measurements": tried}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.bench_memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="convnextv2_huge")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--backend", default="sparse")
-    p.add_argument("--limit-gib", type=float, default=24.0)
-    p.add_argument("--probe-batches", type=int, nargs=2, default=[1, 3])
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--json", default=None)
+    p.add_argument("--model", default="convnextv2_huge", help="variant to measure (default: convnextv2_huge)")
+    p.add_argument("--input-size", type=int, default=224, help="square input size in pixels, divisible by 32")
+    p.add_argument("--backend", default="sparse", choices=["sparse", "dense", "minkowski"],
+                   help="encoder backend (default: sparse)")
+    p.add_argument("--limit-gib", type=float, default=24.0,
+                   help="memory budget in GiB; capped by what the machine has free (default: 24)")
+    p.add_argument("--probe-batches", type=int, nargs=2, default=[1, 3], metavar=("SMALL", "LARGER"),
+                   help="two batch sizes measured first to fit the line memory = fixed + per-image x batch")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write every measurement as JSON")
     args = p.parse_args(argv)
+    from models import VARIANTS
+    if args.model not in VARIANTS:
+        p.error(f"unknown model {args.model!r}; valid: {', '.join(VARIANTS)}")
+    if args.input_size <= 0 or args.input_size % 32:
+        p.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
+    small, larger = args.probe_batches
+    if not 1 <= small < larger:
+        p.error(f"--probe-batches needs 1 <= SMALL < LARGER, got {small} {larger}")
     budget = min(args.limit_gib * GIB, available_bytes() - GIB // 2)
     print(f"{args.model} at {args.input_size}, {args.backend} backend: budget {budget / GIB:.1f} GiB "
           f"(--limit-gib {args.limit_gib}, capped by this machine's free memory)", flush=True)
