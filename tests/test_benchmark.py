@@ -23,18 +23,25 @@ def test_benchmark_smoke(tmp_path):
 
 
 def test_bench_memory_finds_a_batch_under_the_budget(tmp_path):
-    """The largest-batch search on a tiny configuration: the batch it reports was measured under the budget."""
+    """The largest-batch search on a small configuration: the batch it reports was measured under the budget.
+    The budget is this machine's own batch-1 peak plus 0.3 GiB, since the resident size of a process that has
+    imported torch differs between machines."""
+    import argparse
+
     from tools import bench_memory
 
+    config = dict(model="convnextv2_atto", input_size=128, backend="sparse", threads=1)
+    baseline = bench_memory.measure(argparse.Namespace(**config), 1, False)["peak_bytes"]
+    limit = baseline / bench_memory.GIB + 0.3
     out = tmp_path / "mem.json"
-    results = bench_memory.main(["--model", "convnextv2_atto", "--input-size", "64", "--limit-gib", "0.9",
-                                 "--probe-batches", "8", "32", "--threads", "1", "--json", str(out)])
+    results = bench_memory.main(["--model", "convnextv2_atto", "--input-size", "128", "--limit-gib", f"{limit:.3f}",
+                                 "--probe-batches", "4", "32", "--threads", "1", "--json", str(out)])
     report = json.loads(out.read_text())
     assert [r["checkpointing"] for r in report["results"]] == [False, True]
     for r in results:
         best = r["best"]
         assert best["peak_bytes"] <= report["budget_bytes"]
-        assert best["batch"] >= 1 and best["step_seconds"] > 0
+        assert best["batch"] > 4 and best["step_seconds"] > 0  # 0.3 GiB holds more than the small probe
         assert r["per_image_bytes"] > 0
 
 
