@@ -46,15 +46,15 @@ def measure(args, batch: int, checkpointing: bool) -> dict:
     code = ("import json, sys; from tools.bench_memory import step_peak; "
             f"print(json.dumps(step_peak({args.model!r}, {args.input_size}, {batch}, {checkpointing}, "
             f"{args.backend!r}, {args.threads})))")
+    row = f"  batch {batch:4d}  checkpointing {'on ' if checkpointing else 'off'}"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if res.returncode != 0:  # killed for memory, most likely
         error = (res.stderr.strip().splitlines() or [f"killed (exit {res.returncode})"])[-1]
-        print(f"  batch {batch:4d}  checkpointing {'on ' if checkpointing else 'off'}  failed: {error}", flush=True)
+        print(f"{row}  failed: {error}", flush=True)
         return {"batch": batch, "peak_bytes": None, "error": error}
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"  batch {batch:4d}  checkpointing {'on ' if checkpointing else 'off'}  peak "
-          f"{out['peak_bytes'] / GIB:6.2f} GiB  step {out['step_seconds']:7.1f} s", flush=True)
+    print(f"{row}  peak {out['peak_bytes'] / GIB:6.2f} GiB  step {out['step_seconds']:7.1f} s", flush=True)
     return out
 
 
@@ -64,16 +64,21 @@ def available_bytes() -> int:
     return info["MemAvailable"]
 
 
+def line_through(p: dict, q: dict):
+    """(fixed bytes, bytes per image) of the line peak = fixed + per_image x batch through two measurements."""
+    per_image = (q["peak_bytes"] - p["peak_bytes"]) / (q["batch"] - p["batch"])
+    return p["peak_bytes"] - per_image * p["batch"], per_image
+
+
 def largest_batch(args, checkpointing: bool, budget: int) -> dict:
     a, b = measure(args, args.probe_batches[0], checkpointing), measure(args, args.probe_batches[1], checkpointing)
     for probe in (a, b):
         if probe["peak_bytes"] is None:
             raise SystemExit(f"error: the probe step at batch {probe['batch']} failed: {probe['error']}")
-    per_image = (b["peak_bytes"] - a["peak_bytes"]) / (b["batch"] - a["batch"])
+    fixed, per_image = line_through(a, b)
     if per_image <= 0:  # memory noise larger than the batch's share: the line says nothing
         raise SystemExit(f"error: peak memory did not grow from batch {a['batch']} to {b['batch']}; "
                          "use larger --probe-batches")
-    fixed = a["peak_bytes"] - per_image * a["batch"]
     batch = max(int((budget - fixed) // per_image), 1)
     tried = [a, b]
     while batch >= 1:
@@ -85,8 +90,7 @@ def largest_batch(args, checkpointing: bool, budget: int) -> dict:
             batch = min(int(batch * 0.9), batch - 1)
             continue
         # over budget: the line through the small probe and this point is the better estimate at this scale
-        per_image = (res["peak_bytes"] - a["peak_bytes"]) / (res["batch"] - a["batch"])
-        fixed = a["peak_bytes"] - per_image * a["batch"]
+        fixed, per_image = line_through(a, res)
         batch = min(int((budget - fixed) // per_image), batch - 1)
     if res["peak_bytes"] is None or res["peak_bytes"] > budget:
         raise SystemExit(f"error: not even batch 1 fits in {budget / GIB:.1f} GiB "
