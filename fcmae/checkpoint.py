@@ -56,14 +56,16 @@ def remove_stale_temporaries(output_dir: str):
         os.remove(p)
 
 
+def checkpoint_step(path: str):
+    """The step in a `checkpoint-<step>.pth` name; None for other names (checkpoint-best.pth, temporaries)."""
+    m = CKPT_RE.search(os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(output_dir: str):
     """Checkpoint paths in the dir, newest step first."""
-    found = []
-    for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
-        m = CKPT_RE.search(os.path.basename(p))
-        if m:
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found, reverse=True)]
+    found = [(checkpoint_step(p), p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))]
+    return [p for step, p in sorted((f for f in found if f[0] is not None), reverse=True)]
 
 
 def latest_loadable(output_dir: str):

@@ -118,7 +118,7 @@ def knn_curve(budget: Budget, work: str, pretrain_dir: str, workers: int) -> Lis
     cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
     # the random init, every checkpoint interval and the end (other checkpoints are left out: kNN costs)
     steps, every = pretrain_steps(budget)
-    saved = {int(os.path.basename(p)[11:19]): p for p in ckpt.list_checkpoints(pretrain_dir)}
+    saved = {ckpt.checkpoint_step(p): p for p in ckpt.list_checkpoints(pretrain_dir)}
     points = [(0, random_init_encoder(work, seed=0))]
     points += [(s, saved[s]) for s in sorted(saved) if s % every == 0 or s == steps]
     curve = []
@@ -140,24 +140,25 @@ def finetune_runs(budget: Budget, work: str, pretrained: str, workers: int, timi
     """The probe and the fine-tuning runs; a run dir's name holds its settings, so a changed budget starts anew."""
     from finetune.__main__ import run
 
+    def stage(name: str, argv: List[str]) -> dict:
+        out = os.path.join(work, name)
+        result = timings.stage(name, lambda: finished(out) or run(argv + ["--output-dir", out]))
+        return {**result, "dir": name}
+
     results = {}
     size = budget.eval_size
-    probe = f"probe_{budget.probe_fraction:g}_{size}px_{budget.probe_epochs}ep"
-    results["probe"] = timings.stage(probe, lambda: finished(os.path.join(work, probe)) or run(
-        ["--linear-probe", "--finetune", pretrained, "--model", MODEL, "--input-size", str(size),
-         "--batch-size", "64", "--epochs", str(budget.probe_epochs), "--eval-every-epochs", str(budget.probe_epochs),
-         "--label-fraction", str(budget.probe_fraction), "--num-workers", str(workers), "--log-every", "50",
-         "--output-dir", os.path.join(work, probe)] + test_and_steps(budget, budget.max_finetune_steps)))
-    results["probe"]["dir"] = probe
+    results["probe"] = stage(f"probe_{budget.probe_fraction:g}_{size}px_{budget.probe_epochs}ep", [
+        "--linear-probe", "--finetune", pretrained, "--model", MODEL, "--input-size", str(size),
+        "--batch-size", "64", "--epochs", str(budget.probe_epochs), "--eval-every-epochs", str(budget.probe_epochs),
+        "--label-fraction", str(budget.probe_fraction), "--num-workers", str(workers), "--log-every", "50",
+        ] + test_and_steps(budget, budget.max_finetune_steps))
     for fraction, (epochs, size) in budget.finetune.items():
         for init in ("fcmae", "scratch"):
-            name = f"finetune_{init}_{fraction:g}_{size}px_{epochs}ep"
             start = ["--finetune", pretrained, "--layer-decay", "0.75"] if init == "fcmae" else ["--layer-decay", "1"]
-            argv = finetune_recipe(budget, epochs, size) + start + [
-                "--label-fraction", str(fraction), "--num-workers", str(workers), "--output-dir", os.path.join(work, name)]
-            results[f"{init}_{fraction:g}"] = timings.stage(
-                name, lambda: finished(os.path.join(work, name)) or run(argv))
-            results[f"{init}_{fraction:g}"]["dir"] = name
+            results[f"{init}_{fraction:g}"] = stage(
+                f"finetune_{init}_{fraction:g}_{size}px_{epochs}ep",
+                finetune_recipe(budget, epochs, size) + start
+                + ["--label-fraction", str(fraction), "--num-workers", str(workers)])
     return results
 
 
