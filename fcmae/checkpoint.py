@@ -15,14 +15,12 @@ import tempfile
 import numpy as np
 import torch
 
-from models.convert import CheckpointError, read_checkpoint
-
-from .cli import RunStopped
+from .checkpoint_file import read_checkpoint
+from .errors import EXIT_WRITE_FAILED, CheckpointError, RunStopped
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 TMP_PREFIX = ".tmp-"
-EXIT_WRITE_FAILED = 4
 
 
 def atomic_save(obj, path: str):

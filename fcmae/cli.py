@@ -8,16 +8,7 @@ import os
 import sys
 import tempfile
 
-from .config import UsageError
-from .data import DataError
-
-
-class RunStopped(RuntimeError):
-    """A run that cannot go on: one-line message, its own exit code."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+from .errors import BAD_INPUT, EXIT_USAGE, RunStopped, UsageError
 
 
 def setup_logging(output_dir=None, main_process: bool = True):
@@ -57,13 +48,11 @@ def report_error(message: str):
 def run_cli(main_fn, argv=None) -> int:
     """Run `main_fn(argv)`; bad input (also data that turns out bad mid-run) becomes `error: <message>` and exit
     code 2, a stopped run its own code, with no traceback."""
-    from models.convert import CheckpointError
-
     try:
         main_fn(argv)
-    except (UsageError, DataError, CheckpointError) as e:
+    except BAD_INPUT as e:
         report_error(str(e))
-        return 2
+        return EXIT_USAGE
     except RunStopped as e:
         report_error(str(e))
         return e.exit_code

@@ -8,9 +8,7 @@ import argparse
 
 import yaml
 
-
-class UsageError(ValueError):
-    """A bad invocation: reported as one line and exit code 2, before anything is written."""
+from .errors import UsageError
 
 
 def add(target, *names, **kwargs):

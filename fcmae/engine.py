@@ -6,10 +6,9 @@ import math
 
 import torch
 
-from .cli import RunStopped
+from .errors import EXIT_NONFINITE, RunStopped
 
 log = logging.getLogger("fcmae")
-EXIT_NONFINITE = 3
 
 
 def autocast(device: torch.device, amp: str):

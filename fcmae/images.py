@@ -40,7 +40,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data.readers.reader_image_folder import find_images_and_targets
 from torch.utils.data import Dataset, get_worker_info
 
-from .data import IMAGENET_MEAN, DataError
+from .data import IMAGENET_MEAN
+from .errors import DataError
 
 log = logging.getLogger("fcmae")
 
