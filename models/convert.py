@@ -7,6 +7,10 @@ without its `encoder.` prefix, plus timm's head. Each other layout is a table of
 `(canonical key, layout key, kind)` rows built from the variant's depths; the kind says how a tensor is
 reshaped or permuted, and reading a layout walks the same table backwards, so round trips are bit-exact.
 
+Any number of input channels C travels through every layout: the stem conv is (dims[0], C, 4, 4) and the
+decoder's `pred` (32*32*C, decoder_dim, 1, 1), outputs ordered (p, q, channel); C is read from the stem
+(`in_chans_of`), and `adapt_in_chans` turns an RGB checkpoint into a C-channel one (see there).
+
 Loading is strict: every key of the table must be present with exactly the expected shape and nothing
 may be left over; problems raise `CheckpointError` with a one-line message naming the keys
 (the reference loader only printed them, and users lost runs to silently unloaded GRN weights).
@@ -23,11 +27,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import timm
 import torch
 from safetensors.torch import save_file as save_safetensors
+from timm.models import adapt_input_conv
 
 from fcmae.checkpoint_file import HF_WEIGHTS, read_checkpoint
 from fcmae.errors import CheckpointError
 
 from .fcmae import create_fcmae
+from .me_layout import conv_kernel, conv_weight, depthwise_kernel, depthwise_weight
 from .variants import Variant, get_variant, variant_from_dims
 
 PRETRAIN_FORMAT = "fcmae-pretrain"  # {"format", "model_name", "model": FCMAE.state_dict(), ...}
@@ -121,31 +127,13 @@ def _reshape_kind(shape: Callable) -> Kind:
     return Kind(shape, lambda t: t.reshape(shape(t.shape)), lambda t, s: t.reshape(s))
 
 
-# MinkowskiEngine kernels (documented layout; reference utils.remap_checkpoint_keys does the inverse):
-# conv (k*k, in, out) and depthwise (k*k, C) with K[h + k*w, ...] = W[o, i, h, w], i.e. the row offset
-# runs fastest. W.permute(3, 2, 1, 0) is indexed [w, h, i, o]; flattening (w, h) gives w*k + h.
-def _me_conv_to(w):
-    return w.permute(3, 2, 1, 0).reshape(-1, w.shape[1], w.shape[0]).contiguous()
-
-
-def _me_conv_from(k, shape):
-    return k.reshape(shape[3], shape[2], shape[1], shape[0]).permute(3, 2, 1, 0).contiguous()
-
-
-def _me_dw_to(w):
-    return w[:, 0].permute(2, 1, 0).reshape(-1, w.shape[0]).contiguous()
-
-
-def _me_dw_from(k, shape):
-    return k.reshape(shape[3], shape[2], shape[0]).permute(2, 1, 0).unsqueeze(1).contiguous()
-
-
 SAME = _reshape_kind(lambda s: tuple(s))
 LINEAR = _reshape_kind(lambda s: tuple(s[:2]))  # timm fc (out, in, 1, 1) for atto..nano, (out, in) above
 GRN = _reshape_kind(lambda s: (1, 1, 1, s[0]))  # timm (C,) <-> reference / Hugging Face (1, 1, 1, C)
 ROW = _reshape_kind(lambda s: (1, s[0]))  # (C,) <-> MinkowskiEngine bias / GRN (1, C)
-ME_CONV = Kind(lambda s: (s[2] * s[3], s[1], s[0]), _me_conv_to, _me_conv_from)
-ME_DWCONV = Kind(lambda s: (s[2] * s[3], s[0]), _me_dw_to, _me_dw_from)
+# MinkowskiEngine kernels (models/me_layout.py): conv (k*k, in, out), depthwise (k*k, C)
+ME_CONV = Kind(lambda s: (s[2] * s[3], s[1], s[0]), conv_kernel, lambda t, s: conv_weight(t, s[-1]))
+ME_DWCONV = Kind(lambda s: (s[2] * s[3], s[0]), depthwise_kernel, lambda t, s: depthwise_weight(t, s[-1]))
 
 Row = Tuple[str, str, Kind]  # (canonical key, layout key, kind)
 
@@ -291,14 +279,44 @@ _HEAD_KEY = {
 
 
 @functools.lru_cache(maxsize=None)
-def _expected_shapes(model_name: str, decoder_dim: int, decoder_depth: int) -> Dict[str, Tuple[int, ...]]:
+def _expected_shapes(model_name: str, decoder_dim: int, decoder_depth: int,
+                     in_chans: int) -> Dict[str, Tuple[int, ...]]:
     """Canonical key -> shape, from timm / our FCMAE built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        shapes = {k: tuple(t.shape) for k, t in timm.create_model(model_name, num_classes=0).state_dict().items()}
+        timm_model = timm.create_model(model_name, num_classes=0, in_chans=in_chans)
+        shapes = {k: tuple(t.shape) for k, t in timm_model.state_dict().items()}
         if decoder_depth:
-            fcmae = create_fcmae(model_name, decoder_dim=decoder_dim, decoder_depth=decoder_depth)
+            fcmae = create_fcmae(model_name, decoder_dim=decoder_dim, decoder_depth=decoder_depth, in_chans=in_chans)
             shapes.update({k: tuple(t.shape) for k, t in fcmae.state_dict().items() if not k.startswith("encoder.")})
     return shapes
+
+
+def _stem_key(layout: str) -> str:
+    """The layout's key of the stem conv weight (dims[0], C, 4, 4), the one tensor that says C."""
+    return next(key for canonical, key, _ in _rows(layout, (0, 0, 0, 0)) if canonical == "stem.0.weight")
+
+
+def _stem_channels(sd, layout: str) -> Optional[int]:
+    w = sd.get(_stem_key(layout))
+    return w.shape[1] if isinstance(w, torch.Tensor) and w.dim() == 4 and w.shape[1] > 0 else None
+
+
+def in_chans_of(obj, use_ema: bool = False) -> int:
+    """The number of input channels C a checkpoint holds (its stem conv is (dims[0], C, 4, 4)): a path, a
+    container, a state dict in any layout, or a canonical / timm state dict (from to_timm / to_canonical)."""
+    if isinstance(obj, (str, os.PathLike)):
+        obj = read_checkpoint(obj)
+    sd = state_dict_of(obj, use_ema)
+    if isinstance(sd.get("stem.0.weight"), torch.Tensor):  # canonical (which may hold a decoder) or timm
+        layout = "timm"
+    else:
+        layout = detect_layout(obj, use_ema)
+        layout = "timm" if layout == "ours-finetune" else layout
+        sd = _strip_hf_prefix(sd) if layout == "hf" else sd
+    found = _stem_channels(sd, layout)
+    if found is None:
+        raise CheckpointError(f"{layout} checkpoint has no stem conv weight {_stem_key(layout)} shaped (C0, C, 4, 4)")
+    return found
 
 
 def _infer_variant(sd, layout: str) -> Optional[Variant]:
@@ -336,12 +354,13 @@ def to_canonical(obj, model_name: Optional[str] = None, use_ema: bool = False) -
         sd = _strip_hf_prefix(sd)
     keys = "timm" if layout == "ours-finetune" else layout
     variant = _resolve_variant(sd, keys, model_name)
-    _check_hf_config(obj.get("hf_config"), variant)
+    in_chans = _stem_channels(sd, keys) or 3  # without a usable stem weight, _read_rows names the problem
+    _check_hf_config(obj.get("hf_config"), variant, in_chans)
 
     head = [g for g, pattern in _HEAD_KEY.get(keys, {}).items() if any(re.match(pattern, k) for k in sd)]
     decoder_depth, decoder_dim = _decoder_size(sd) if keys in ("ours-pretrain", "reference-minkowski") else (0, 0)
     rows = _rows(keys, variant.depths, head, decoder_depth)
-    shapes = dict(_expected_shapes(variant.name, decoder_dim, decoder_depth))
+    shapes = dict(_expected_shapes(variant.name, decoder_dim, decoder_depth, in_chans))
     if "fc" in head:  # any number of classes
         fc = sd.get(next(k for c, k, _ in rows if c == "head.fc.weight"))
         shapes["head.fc.weight"] = (fc.shape[0] if fc is not None and fc.dim() else 0, variant.dims[-1])
@@ -368,11 +387,16 @@ def _resolve_variant(sd, layout: str, model_name: Optional[str]) -> Variant:
     return wanted or found
 
 
-def _check_hf_config(config: Optional[dict], variant: Variant):
-    if config and (list(config.get("depths", [])) != list(variant.depths)
-                   or list(config.get("hidden_sizes", [])) != list(variant.dims)):
+def _check_hf_config(config: Optional[dict], variant: Variant, in_chans: int):
+    if not config:
+        return
+    if (list(config.get("depths", [])) != list(variant.depths)
+            or list(config.get("hidden_sizes", [])) != list(variant.dims)):
         raise CheckpointError(f"config.json says depths {config.get('depths')}, hidden_sizes "
                               f"{config.get('hidden_sizes')}, but the weights are {_describe(variant)}")
+    if config.get("num_channels", 3) != in_chans:  # transformers' default is 3
+        raise CheckpointError(f"config.json says num_channels {config.get('num_channels', 3)}, but the stem weights "
+                              f"take {in_chans} input channels")
 
 
 def _decoder_size(sd) -> Tuple[int, int]:
@@ -454,12 +478,12 @@ def _write(state, layout: str, model_name: str) -> Dict[str, torch.Tensor]:
             for canonical, key, kind in _rows(layout, get_variant(model_name).depths, head, decoder_depth)}
 
 
-def hf_config(model_name: str, num_labels: int) -> dict:
+def hf_config(model_name: str, num_labels: int, in_chans: int = 3) -> dict:
     """config.json for transformers' ConvNextV2 (final LayerNorm eps 1e-6 as in the reference)."""
     v = get_variant(model_name)
     arch = "ConvNextV2ForImageClassification" if num_labels else "ConvNextV2Model"
     return {"architectures": [arch], "model_type": "convnextv2", "depths": list(v.depths),
-            "hidden_sizes": list(v.dims), "num_channels": 3, "patch_size": 4, "num_stages": 4,
+            "hidden_sizes": list(v.dims), "num_channels": in_chans, "patch_size": 4, "num_stages": 4,
             "hidden_act": "gelu", "layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "image_size": 224,
             "initializer_range": 0.02, "num_labels": num_labels}
 
@@ -491,16 +515,19 @@ def from_canonical(model_name: str, state, to: str):
     sd = _write(state, "hf", model_name)
     if num_labels:  # ConvNextV2ForImageClassification holds the ConvNextV2Model as `convnextv2`
         sd = {k if k.startswith("classifier.") else "convnextv2." + k: v for k, v in sd.items()}
-    return hf_config(model_name, num_labels), sd
+    return hf_config(model_name, num_labels, in_chans_of(state)), sd
 
 
-def convert(obj, to: str, model_name: Optional[str] = None, use_ema: bool = False):
-    """Any supported input (container, state dict or path) -> the `to` layout (see from_canonical)."""
+def convert(obj, to: str, model_name: Optional[str] = None, use_ema: bool = False, in_chans: Optional[int] = None):
+    """Any supported input (container, state dict or path) -> the `to` layout (see from_canonical);
+    with in_chans, an RGB checkpoint is adapted to that many input channels first (adapt_in_chans)."""
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; valid targets: {', '.join(TARGETS)}")
     if isinstance(obj, (str, os.PathLike)):
         obj = read_checkpoint(obj)
     name, _, state = to_canonical(obj, model_name, use_ema)
+    if in_chans is not None:
+        state = adapt_in_chans(state, in_chans)
     return from_canonical(name, state, to)
 
 
@@ -534,22 +561,59 @@ def save_converted(model_name: str, state, to: str, output) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# What the fine-tune CLI uses
+# Other numbers of input channels
+
+
+def adapt_in_chans(state, in_chans: int) -> Dict[str, torch.Tensor]:
+    """A canonical (or timm) state dict of an RGB checkpoint -> the same weights for `in_chans` input channels.
+
+    Stem conv: timm's rule for pretrained weights (timm.models.adapt_input_conv, what
+    `timm.create_model(..., pretrained=True, in_chans=C)` does): C = 1 sums the RGB filters, so a grey image
+    x gives the stem output the RGB model gives on x replicated to RGB; C > 1 repeats R, G, B, R, ... and
+    scales by 3 / C. Decoder `pred` (outputs ordered (p, q, channel)): output channel c takes the rows of RGB
+    channel c % 3; for C = 1 the mean of the three RGB rows, so on a grey image the adapted FCMAE predicts
+    the mean over R, G, B of what the RGB model predicts on the image replicated to RGB (up to rounding).
+    Everything else is unchanged. Same C as the checkpoint: returned as is (a no-op);
+    a checkpoint that is not RGB (C != 3) cannot be adapted: CheckpointError."""
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    have = in_chans_of(state)
+    if have == in_chans:
+        return state
+    if have != 3:
+        raise CheckpointError(f"the checkpoint takes {have} input channels; only RGB (3-channel) checkpoints can be "
+                              f"adapted to {in_chans}")
+    out = dict(state)
+    out["stem.0.weight"] = adapt_input_conv(in_chans, state["stem.0.weight"]).contiguous()
+    for key in ("pred.weight", "pred.bias"):
+        if key in state:
+            out[key] = _adapt_pred(state[key], in_chans)
+    return out
+
+
+def _adapt_pred(t: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """(32*32*3, ...) rows ordered (p, q, channel) -> (32*32*in_chans, ...), see adapt_in_chans."""
+    rgb = t.reshape(-1, 3, *t.shape[1:])
+    if in_chans == 1:
+        adapted = rgb.float().mean(dim=1, keepdim=True).to(t.dtype)
+    else:
+        adapted = rgb[:, [c % 3 for c in range(in_chans)]]
+    return adapted.reshape(-1, *t.shape[1:]).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# What the fine-tune and kNN CLIs use
 
 
 def to_timm(obj, model_name: Optional[str] = None, use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor]]:
-    """Any supported input (container, state dict or path) -> (model_name, timm state dict): encoder,
-    plus head.* when the source has a head; a decoder is dropped."""
+    """The single loader for fine-tuning / evaluation: any supported input (checkpoint path, Hugging Face
+    directory, container or state dict) -> (model_name, timm state dict): encoder, plus head.* when the
+    source has a head; a decoder is dropped. Raises CheckpointError when model_name is given and the
+    checkpoint holds another variant. Build the model with `in_chans=in_chans_of(state_dict)`."""
     if isinstance(obj, (str, os.PathLike)):
         obj = read_checkpoint(obj)
     name, _, state = to_canonical(obj, model_name, use_ema)
     return name, _timm_part(state)
-
-
-def load_encoder_weights(path, model_name: Optional[str] = None, use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor]]:
-    """The single loader for fine-tuning: any checkpoint file / HF directory -> (model_name, timm state dict).
-    Raises CheckpointError when model_name is given and the checkpoint holds another variant."""
-    return to_timm(read_checkpoint(path), model_name, use_ema)
 
 
 def load_into_timm(model: torch.nn.Module, timm_state_dict, keep_head: bool = False) -> List[str]:
@@ -560,6 +624,12 @@ def load_into_timm(model: torch.nn.Module, timm_state_dict, keep_head: bool = Fa
     mine, theirs = _infer_variant(own, "timm"), _infer_variant(timm_state_dict, "timm")
     if mine and theirs and mine != theirs:
         raise CheckpointError(f"checkpoint holds {_describe(theirs)}, but the model is {mine.name}")
+    stem = timm_state_dict.get("stem.0.weight")
+    if stem is not None and stem.dim() == 4 and stem.shape[1] != own["stem.0.weight"].shape[1]:
+        have, want = stem.shape[1], own["stem.0.weight"].shape[1]
+        fix = (f"adapt it with `python -m tools.convert IN OUT --to ours --in-chans {want}`" if have == 3
+               else "only RGB checkpoints can be adapted")
+        raise CheckpointError(f"the checkpoint takes {have} input channels but the model {want}; {fix}")
     wanted = [k for k in own if keep_head or not _is_head(k)]
     given = {k: v for k, v in timm_state_dict.items() if keep_head or not _is_head(k)}
     missing = [k for k in wanted if k not in given]

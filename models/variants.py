@@ -12,7 +12,6 @@ class Variant:
     name: str
     depths: Tuple[int, int, int, int]
     dims: Tuple[int, int, int, int]
-    conv_mlp: bool  # timm builds atto..nano with 1x1-conv MLPs (fc weights shaped (out, in, 1, 1))
 
     @property
     def timm_name(self) -> str:
@@ -22,14 +21,14 @@ class Variant:
 VARIANTS = {
     v.name: v
     for v in [
-        Variant("convnextv2_atto", (2, 2, 6, 2), (40, 80, 160, 320), True),
-        Variant("convnextv2_femto", (2, 2, 6, 2), (48, 96, 192, 384), True),
-        Variant("convnextv2_pico", (2, 2, 6, 2), (64, 128, 256, 512), True),
-        Variant("convnextv2_nano", (2, 2, 8, 2), (80, 160, 320, 640), True),
-        Variant("convnextv2_tiny", (3, 3, 9, 3), (96, 192, 384, 768), False),
-        Variant("convnextv2_base", (3, 3, 27, 3), (128, 256, 512, 1024), False),
-        Variant("convnextv2_large", (3, 3, 27, 3), (192, 384, 768, 1536), False),
-        Variant("convnextv2_huge", (3, 3, 27, 3), (352, 704, 1408, 2816), False),
+        Variant("convnextv2_atto", (2, 2, 6, 2), (40, 80, 160, 320)),
+        Variant("convnextv2_femto", (2, 2, 6, 2), (48, 96, 192, 384)),
+        Variant("convnextv2_pico", (2, 2, 6, 2), (64, 128, 256, 512)),
+        Variant("convnextv2_nano", (2, 2, 8, 2), (80, 160, 320, 640)),
+        Variant("convnextv2_tiny", (3, 3, 9, 3), (96, 192, 384, 768)),
+        Variant("convnextv2_base", (3, 3, 27, 3), (128, 256, 512, 1024)),
+        Variant("convnextv2_large", (3, 3, 27, 3), (192, 384, 768, 1536)),
+        Variant("convnextv2_huge", (3, 3, 27, 3), (352, 704, 1408, 2816)),
     ]
 }
 

@@ -3,6 +3,7 @@ the reference MinkowskiEngine layout checked against an independent test-side im
 one-line error for every bad input."""
 import argparse
 import importlib.util
+import json
 import os
 import pickle
 import random
@@ -21,8 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 
 from models import create_fcmae  # noqa: E402
 from models.convert import (  # noqa: E402
-    FINETUNE_FORMAT, ME_CONV, ME_DWCONV, PRETRAIN_FORMAT, CheckpointError, convert, detect_layout,
-    load_encoder_weights, load_into_timm, read_checkpoint, to_timm)
+    FINETUNE_FORMAT, PRETRAIN_FORMAT, CheckpointError, adapt_in_chans, convert, detect_layout, in_chans_of,
+    load_into_timm, read_checkpoint, to_canonical, to_timm)
+from models.me_layout import conv_weight, depthwise_weight  # noqa: E402
 from tools.convert import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -348,8 +350,8 @@ def test_minkowski_layers_match_converted_dense_convs():
         for layer in (dw, conv):
             layer.kernel.copy_(torch.randn(layer.kernel.shape, generator=g))
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
-        expect_dw = F.conv2d(x, ME_DWCONV.from_layout(dw.kernel, (c, 1, 7, 7)), dw.bias.flatten(), padding=3, groups=c)
-        expect_conv = F.conv2d(x, ME_CONV.from_layout(conv.kernel, (cout, c, 2, 2)), conv.bias.flatten(), stride=2)
+        expect_dw = F.conv2d(x, depthwise_weight(dw.kernel, 7), dw.bias.flatten(), padding=3, groups=c)
+        expect_conv = F.conv2d(x, conv_weight(conv.kernel, 2), conv.bias.flatten(), stride=2)
         assert torch.allclose(densify(dw(st), 1, c), expect_dw, atol=1e-5)
         assert torch.allclose(densify(conv(st), 2, cout), expect_conv, atol=1e-5)
 
@@ -377,14 +379,14 @@ def test_minkowski_backend_matches_dense_with_converted_weights(reference_checkp
 # The loader the fine-tune CLI uses
 
 
-def test_load_encoder_weights_and_load_into_timm(sources, converted):
-    name, sd = load_encoder_weights(sources["convnextv2_atto"]["finetune"])
+def test_to_timm_and_load_into_timm(sources, converted):
+    name, sd = to_timm(sources["convnextv2_atto"]["finetune"])
     assert name == "convnextv2_atto"
     assert_same(sd, sources[name]["clf"].state_dict())
-    _, ema = load_encoder_weights(sources[name]["finetune"], name, use_ema=True)
+    _, ema = to_timm(sources[name]["finetune"], name, use_ema=True)
     assert_same(ema, sources[name]["ema"])
     for path in [converted(name, "finetune", "hf"), converted(name, "pretrain", "reference")]:
-        got_name, got = load_encoder_weights(path, "convnextv2_atto")
+        got_name, got = to_timm(path, "convnextv2_atto")
         assert got_name == name and "stem.0.weight" in got and not any(k.startswith("decoder") for k in got)
 
     model = built(timm.create_model, name, num_classes=5)
@@ -395,7 +397,7 @@ def test_load_encoder_weights_and_load_into_timm(sources, converted):
         load_into_timm(model, sd, keep_head=True)
     model = built(timm.create_model, name, num_classes=NUM_CLASSES)
     assert load_into_timm(model, sd, keep_head=True) == []
-    _, encoder_only = load_encoder_weights(sources[name]["pretrain"])
+    _, encoder_only = to_timm(sources[name]["pretrain"])
     with pytest.raises(CheckpointError, match=r"missing keys \(4\): head\.norm\.weight"):
         load_into_timm(model, encoder_only, keep_head=True)
     broken = {k: v for k, v in sd.items() if k != "stages.1.downsample.1.bias"}
@@ -494,7 +496,7 @@ def test_wrong_variant_for_model(sources, tmp_path, capsys):
                          "--model", "convnextv2_atto"], capsys)
     assert "holds convnextv2_tiny (depths (3, 3, 9, 3), dims (96, 192, 384, 768)), not convnextv2_atto" in err
     with pytest.raises(CheckpointError, match="holds convnextv2_tiny .*not convnextv2_atto"):
-        load_encoder_weights(sources["convnextv2_tiny"]["pretrain"], "convnextv2_atto")
+        to_timm(sources["convnextv2_tiny"]["pretrain"], "convnextv2_atto")
     err = run_cli_error([sources["convnextv2_tiny"]["finetune"], tmp_path / "o.pth", "--to", "timm",
                          "--model", "convnextv2_tera"], capsys)
     assert "unknown model 'convnextv2_tera'" in err
@@ -537,7 +539,7 @@ def test_other_bad_contents(sources, tmp_path):
     with pytest.raises(CheckpointError, match="no state dict found: non-tensor entries epoch"):
         to_timm({"epoch": 3, "stem.0.weight": sd["stem.0.weight"]})
     with pytest.raises(CheckpointError, match="no model_ema"):
-        load_encoder_weights(sources["convnextv2_atto"]["pretrain"], use_ema=True)
+        to_timm(sources["convnextv2_atto"]["pretrain"], use_ema=True)
     with pytest.raises(CheckpointError, match=r"no ConvNeXt V2 weights found \(keys: fc\.weight"):
         to_timm({"fc.weight": torch.ones(2, 2)})
     with pytest.raises(CheckpointError, match="format 'fcmae-pretrain' but its weights are in the timm layout"):
@@ -564,6 +566,212 @@ def test_unknown_target(sources, tmp_path, capsys):
     assert "argument --to: invalid choice: 'onnx'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown target 'onnx'; valid targets: ours, timm, hf, reference"):
         convert(sources["convnextv2_atto"]["clf"].state_dict(), "onnx")
+
+
+# ------------------------------------------------------------------------------------------------
+# Any number of input channels: inferred from the stem, through every layout
+
+
+CHANNELS = [1, 4]  # 3 is what every test above uses
+
+
+@pytest.fixture(scope="module")
+def channel_sources(tmp_path_factory):
+    """Per C: an atto FCMAE pretraining checkpoint (pred has 32*32*C outputs) and a timm fine-tune checkpoint."""
+    root = tmp_path_factory.mktemp("channels")
+    out = {}
+    for c in CHANNELS:
+        fcmae = randomized(built(create_fcmae, "convnextv2_atto", backend="dense", in_chans=c), seed=30 + c)
+        clf = randomized(built(timm.create_model, "convnextv2_atto", num_classes=NUM_CLASSES, in_chans=c), seed=40 + c)
+        pre, fin = root / f"pretrain_{c}.pth", root / f"finetune_{c}.pth"
+        torch.save({"format": PRETRAIN_FORMAT, "model_name": "convnextv2_atto", "model": fcmae.state_dict()}, pre)
+        torch.save({"format": FINETUNE_FORMAT, "model_name": "convnextv2_atto", "model": clf.state_dict()}, fin)
+        out[c] = {"fcmae": fcmae, "clf": clf, "pretrain": pre, "finetune": fin}
+    return out
+
+
+@pytest.mark.parametrize("c", CHANNELS)
+@pytest.mark.parametrize("to", ["timm", "hf", "reference"])
+def test_round_trips_keep_any_number_of_channels(channel_sources, tmp_path, c, to):
+    src = channel_sources[c]
+    for kind in ("pretrain", "finetune"):
+        there, back = tmp_path / f"{kind}_{to}", tmp_path / f"{kind}_back.pth"
+        assert main([str(src[kind]), str(there), "--to", to]) == 0
+        assert main([str(there), str(back), "--to", "ours"]) == 0
+        assert in_chans_of(there) == c and in_chans_of(back) == c
+        model = load(back)["model"]
+        if kind == "finetune":
+            assert_same(model, src["clf"].state_dict())
+        elif to == "reference":  # the decoder travels: pred (32*32*C, 512, 1, 1)
+            assert model["pred.weight"].shape == (32 * 32 * c, 512, 1, 1)
+            assert_same(model, src["fcmae"].state_dict())
+            built(create_fcmae, "convnextv2_atto", in_chans=c).load_state_dict(model, strict=True)
+        else:
+            for key in ("head.norm.weight", "head.norm.bias"):  # hf adds a fresh final norm
+                model.pop(key, None)
+            assert_same(model, encoder_part(src["fcmae"].state_dict()))
+    if to == "hf":
+        assert json.loads((tmp_path / "finetune_hf" / "config.json").read_text())["num_channels"] == c
+
+
+def test_in_chans_of_every_layout(sources, converted, channel_sources):
+    assert in_chans_of(sources["convnextv2_atto"]["pretrain"]) == 3
+    for to in ["timm", "hf", "reference"]:
+        assert in_chans_of(converted("convnextv2_atto", "pretrain", to)) == 3
+    assert in_chans_of(reference_minkowski_from_ours(channel_sources[4]["fcmae"].state_dict())) == 4
+    assert in_chans_of(channel_sources[1]["clf"].state_dict()) == 1
+    assert in_chans_of(to_timm(channel_sources[4]["pretrain"])[1]) == 4
+    assert in_chans_of(channel_sources[4]["finetune"]) == 4
+    with pytest.raises(CheckpointError, match=r"no stem conv weight embeddings\.patch_embeddings\.weight"):
+        in_chans_of({"embeddings.layernorm.weight": torch.ones(40)})
+
+
+def test_logits_agree_timm_hf_with_four_channels(channel_sources, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = channel_sources[4]["clf"]
+    assert main([str(channel_sources[4]["finetune"]), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = hf_load(transformers.ConvNextV2ForImageClassification, tmp_path / "hf")
+    assert hf.config.num_channels == 4
+    imgs = torch.randn(2, 4, 64, 96, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref, h = ours(imgs), hf(pixel_values=imgs).logits
+    MAX_DIFF["atto C=4 logits hf-timm"] = (h - ref).abs().max().item()
+    assert ref.abs().max() > 0.1 and torch.allclose(h, ref, atol=1e-5, rtol=0)
+
+
+def test_hf_config_must_agree_with_the_stem(channel_sources, tmp_path):
+    assert main([str(channel_sources[4]["finetune"]), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    config = tmp_path / "hf" / "config.json"
+    config.write_text(config.read_text().replace('"num_channels": 4', '"num_channels": 3'))
+    with pytest.raises(CheckpointError, match="config.json says num_channels 3, but the stem weights take 4 input "
+                                              "channels"):
+        to_timm(tmp_path / "hf")
+
+
+def test_load_into_timm_names_both_channel_counts(sources, channel_sources):
+    _, rgb = to_timm(sources["convnextv2_atto"]["finetune"])
+    grey_model = built(timm.create_model, "convnextv2_atto", num_classes=NUM_CLASSES, in_chans=1)
+    with pytest.raises(CheckpointError) as info:
+        load_into_timm(grey_model, rgb)
+    assert str(info.value) == ("the checkpoint takes 3 input channels but the model 1; adapt it with "
+                               "`python -m tools.convert IN OUT --to ours --in-chans 1`")
+    with pytest.raises(CheckpointError, match="takes 4 input channels but the model 1; only RGB checkpoints"):
+        load_into_timm(grey_model, channel_sources[4]["clf"].state_dict())
+    assert load_into_timm(grey_model, channel_sources[1]["clf"].state_dict(), keep_head=True) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapting RGB weights to C channels (--in-chans)
+
+
+@pytest.mark.parametrize("c", [1, 4])
+def test_adapt_rgb_checkpoint(sources, tmp_path, c):
+    src = sources["convnextv2_atto"]
+    for kind in ("pretrain", "finetune"):
+        assert main([str(src[kind]), str(tmp_path / f"{kind}.pth"), "--to", "ours", "--in-chans", str(c)]) == 0
+    pre, fin = load(tmp_path / "pretrain.pth")["model"], load(tmp_path / "finetune.pth")
+    assert fin["format"] == FINETUNE_FORMAT and in_chans_of(fin) == c and in_chans_of(pre) == c
+    model = built(timm.create_model, "convnextv2_atto", num_classes=NUM_CLASSES, in_chans=c)
+    model.load_state_dict(fin["model"], strict=True)
+    fcmae = built(create_fcmae, "convnextv2_atto", backend="dense", in_chans=c)
+    fcmae.load_state_dict(pre, strict=True)
+
+    rgb_sd, rgb_pre = src["clf"].state_dict(), src["fcmae"].state_dict()
+    assert_same({k: v for k, v in fin["model"].items() if k != "stem.0.weight"},
+                {k: v for k, v in rgb_sd.items() if k != "stem.0.weight"})  # only the stem changes
+    w, pred, bias = rgb_sd["stem.0.weight"], rgb_pre["pred.weight"], rgb_pre["pred.bias"]
+    if c == 1:  # timm's rule: the RGB filters summed; pred: the mean of the R, G, B rows of each pixel
+        assert torch.allclose(fin["model"]["stem.0.weight"], w.sum(1, keepdim=True), atol=1e-7)
+        assert torch.allclose(pre["pred.weight"], pred.reshape(1024, 3, 512, 1, 1).mean(1).reshape(1024, 512, 1, 1))
+        assert torch.allclose(pre["pred.bias"], bias.reshape(1024, 3).mean(1))
+    else:  # R, G, B, R scaled by 3/4; pred: channel c takes RGB channel c % 3's rows
+        assert torch.equal(fin["model"]["stem.0.weight"], torch.cat([w, w[:, :1]], 1) * 0.75)
+        assert torch.equal(pre["pred.weight"].reshape(1024, 4, 512), pred.reshape(1024, 3, 512)[:, [0, 1, 2, 0]])
+        assert torch.equal(pre["pred.bias"].reshape(1024, 4), bias.reshape(1024, 3)[:, [0, 1, 2, 0]])
+    if c != 1:
+        return
+    # a grey image x gives the RGB model's stem output (so its features and logits) on x replicated to RGB
+    x = torch.randn(2, 1, 64, 96, generator=torch.Generator().manual_seed(8))
+    rgb = x.expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        stem, rgb_stem = model.stem(x), src["clf"].stem(rgb)
+        logits, rgb_logits = model(x), src["clf"](rgb)
+        mask = torch.tensor([[0, 1, 1, 0, 1, 1], [1, 1, 0, 1, 0, 1]])
+        grey_pred, rgb_pred = fcmae.predict(x, mask), src["fcmae"].predict(rgb, mask)
+    MAX_DIFF["atto grey stem vs RGB stem on replicated grey"] = (stem - rgb_stem).abs().max().item()
+    assert torch.allclose(stem, rgb_stem, atol=1e-5 * rgb_stem.abs().max().item(), rtol=0)
+    assert torch.allclose(logits, rgb_logits, atol=1e-4, rtol=0)
+    # ... and the adapted decoder predicts the mean over R, G, B of the RGB model's prediction
+    expected = rgb_pred.reshape(2, 1024, 3, 2, 3).mean(2)
+    assert torch.allclose(grey_pred, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+def test_adapt_same_channels_is_a_no_op_and_other_sources_are_refused(sources, channel_sources, tmp_path, capsys):
+    _, _, state = to_canonical(read_checkpoint(sources["convnextv2_atto"]["pretrain"]))
+    assert adapt_in_chans(state, 3) is state
+    four = to_canonical(read_checkpoint(channel_sources[4]["pretrain"]))[2]
+    assert adapt_in_chans(four, 4) is four
+    with pytest.raises(CheckpointError, match=r"takes 4 input channels; only RGB \(3-channel\) checkpoints can be "
+                                              "adapted to 1"):
+        adapt_in_chans(four, 1)
+    assert main([str(sources["convnextv2_atto"]["finetune"]), str(tmp_path / "same.pth"), "--to", "ours",
+                 "--in-chans", "3"]) == 0
+    assert_same(load(tmp_path / "same.pth")["model"], sources["convnextv2_atto"]["clf"].state_dict())
+    err = run_cli_error([channel_sources[4]["finetune"], tmp_path / "o.pth", "--to", "timm", "--in-chans", "1"], capsys)
+    assert "only RGB (3-channel) checkpoints can be adapted to 1" in err and not (tmp_path / "o.pth").exists()
+    err = run_cli_error([sources["convnextv2_atto"]["finetune"], tmp_path / "o.pth", "--to", "timm", "--in-chans", "0"],
+                        capsys)
+    assert "--in-chans must be >= 1, got 0" in err
+    # other targets adapt too
+    src = sources["convnextv2_atto"]["finetune"]
+    assert main([str(src), str(tmp_path / "hf"), "--to", "hf", "--in-chans", "4"]) == 0
+    assert in_chans_of(tmp_path / "hf") == 4
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_channels"] == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Existing outputs are replaced only with --overwrite, checked before the input is read
+
+
+def test_existing_output_needs_overwrite(sources, converted, tmp_path, capsys):
+    src = sources["convnextv2_atto"]["finetune"]
+    out = tmp_path / "out.pth"
+    out.write_bytes(b"old")
+    # the input does not exist: the output is refused first
+    err = run_cli_error([tmp_path / "missing.pth", out, "--to", "reference"], capsys)
+    assert f"{out} already exists; pass --overwrite to replace it" in err and out.read_bytes() == b"old"
+    assert main([str(src), str(out), "--to", "reference", "--overwrite"]) == 0
+    assert detect_layout(read_checkpoint(out)) == "reference-dense"
+    err = run_cli_error([src, tmp_path, "--to", "timm", "--overwrite"], capsys)
+    assert f"{tmp_path} is a directory; --to timm writes a file" in err
+
+    hf = tmp_path / "hf"
+    hf.mkdir()  # an empty directory is fine
+    assert main([str(src), str(hf), "--to", "hf"]) == 0
+    err = run_cli_error([tmp_path / "missing.pth", hf, "--to", "hf"], capsys)
+    assert "already exists and is not empty; pass --overwrite to replace its config.json and model.safetensors" in err
+    (hf / "README.md").write_text("kept")
+    assert main([str(converted("convnextv2_atto", "pretrain", "timm")), str(hf), "--to", "hf", "--overwrite"]) == 0
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["ConvNextV2Model"]
+    assert (hf / "README.md").read_text() == "kept"
+    (hf / "pytorch_model.bin").write_bytes(b"stale")
+    err = run_cli_error([src, hf, "--to", "hf", "--overwrite"], capsys)
+    assert "holds other weight files (pytorch_model.bin) that would be mixed with the new ones" in err
+    err = run_cli_error([src, out, "--to", "hf", "--overwrite"], capsys)
+    assert f"{out} exists and is not a directory (--to hf writes a directory)" in err
+
+
+def test_minkowski_kernel_mapping_lives_in_one_module():
+    from models import me_layout
+    from models.backends import minkowski
+
+    assert minkowski.conv_kernel is me_layout.conv_kernel and minkowski.depthwise_kernel is me_layout.depthwise_kernel
+    g = torch.Generator().manual_seed(9)
+    w, dw = torch.randn(5, 6, 2, 2, generator=g), torch.randn(6, 1, 7, 7, generator=g)
+    assert torch.equal(conv_weight(me_layout.conv_kernel(w), 2), w)
+    assert torch.equal(depthwise_weight(me_layout.depthwise_kernel(dw), 7), dw)
+    assert me_layout.conv_kernel(w)[1 + 2 * 0, 4, 3] == w[3, 4, 1, 0]  # K[h + k*w, i, o] = W[o, i, h, w]
+    assert me_layout.depthwise_kernel(dw)[2 + 7 * 5, 4] == dw[4, 0, 2, 5]
 
 
 def test_report_measured_differences():

@@ -1,11 +1,15 @@
 """fcmae-convert: convert ConvNeXt V2 checkpoints between ours, timm, Hugging Face and the reference code.
 
     python -m tools.convert INPUT OUTPUT --to {ours,timm,hf,reference} [--model convnextv2_atto] [--ema]
+                            [--in-chans C] [--overwrite]
 
 The input layout is detected (our pretrain / fine-tune checkpoints, the reference MinkowskiEngine
 pretraining or dense released layout, timm .pth / .safetensors, a Hugging Face ConvNextV2 directory) and
 the variant inferred from its shapes; `--model` checks it (or names it when it cannot be inferred).
-A bad input prints `error: <one line>` to stderr and exits with status 2.
+Any number of input channels travels through every layout; `--in-chans C` adapts an RGB checkpoint to C
+channels (timm's rule for the stem; see models.convert.adapt_in_chans for the decoder), a no-op when the
+checkpoint already has C channels. An existing OUTPUT is refused unless `--overwrite` is given (checked
+before the input is read). A bad input prints `error: <one line>` to stderr and exits with status 2.
 """
 import argparse
 import os
@@ -13,9 +17,11 @@ import sys
 
 from safetensors import SafetensorError
 
+from fcmae.checkpoint_file import HF_WEIGHTS
 from fcmae.cli import check_writable_dir
-from fcmae.config import UsageError
-from models.convert import TARGETS, CheckpointError, read_checkpoint, save_converted, to_canonical
+from fcmae.errors import UsageError
+from models.convert import TARGETS, CheckpointError, adapt_in_chans, in_chans_of, read_checkpoint, save_converted, \
+    to_canonical
 
 
 TARGET_HELP = """targets:
@@ -23,7 +29,15 @@ TARGET_HELP = """targets:
   timm       timm state dict, safetensors when OUTPUT ends in .safetensors (else torch.save); no decoder
   hf         Hugging Face ConvNextV2 directory (config.json + model.safetensors); no decoder
   reference  reference MinkowskiEngine pretraining layout when the input has a decoder, else the dense
-             released layout (with norm/head when the input has a head)"""
+             released layout (with norm/head when the input has a head)
+
+--in-chans C on an RGB checkpoint: the stem conv as timm adapts pretrained weights (C = 1 sums the RGB
+filters; C > 1 repeats R, G, B, R, ... scaled by 3 / C); the decoder's pred: channel c takes RGB channel
+c % 3's outputs (C = 1: their mean). The checkpoint's own C changes nothing; a checkpoint with other than
+3 channels cannot be adapted to another C (an error)."""
+
+# Weight files a Hugging Face directory may hold besides ours: left there they would be mixed with the new weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,23 +48,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=TARGETS, help="target layout")
     p.add_argument("--model", default=None, help="variant, e.g. convnextv2_atto; checked against the weights")
     p.add_argument("--ema", action="store_true", help="convert the model_ema weights of a fine-tune checkpoint")
+    p.add_argument("--in-chans", type=int, default=None, metavar="C",
+                   help="adapt an RGB checkpoint to C input channels (a no-op when it already has C)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUTPUT (for --to hf: its config.json and model.safetensors)")
     return p
+
+
+def check_output(output: str, to: str, overwrite: bool):
+    """Before anything is read: the output's folder is writable, and an existing output is replaced only with
+    overwrite. A Hugging Face directory holding other weight files is refused even then (they would be mixed
+    with the new ones); an empty existing directory is fine."""
+    _check_writable(output, os.path.dirname(os.path.abspath(output)))
+    if not os.path.lexists(output):
+        return
+    if to != "hf":
+        if os.path.isdir(output):
+            raise UsageError(f"{output} is a directory; --to {to} writes a file")
+        if not overwrite:
+            raise UsageError(f"{output} already exists; pass --overwrite to replace it")
+        return
+    if not os.path.isdir(output):
+        raise UsageError(f"{output} exists and is not a directory (--to hf writes a directory)")
+    entries = sorted(os.listdir(output))
+    if entries and not overwrite:
+        raise UsageError(f"{output} already exists and is not empty; pass --overwrite to replace its config.json "
+                         f"and {HF_WEIGHTS}")
+    others = [e for e in entries if e.endswith(_WEIGHT_SUFFIXES) and e != HF_WEIGHTS]
+    if others:
+        raise UsageError(f"{output} holds other weight files ({', '.join(others)}) that would be mixed with the new "
+                         "ones; remove them or choose another directory")
+    _check_writable(output, output)
+
+
+def _check_writable(output: str, folder: str):
+    try:
+        check_writable_dir(folder)
+    except UsageError as e:
+        raise UsageError(f"cannot write {output}: {e}") from None
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.in_chans is not None and args.in_chans < 1:
+            raise UsageError(f"--in-chans must be >= 1, got {args.in_chans}")
         # where the output goes is checked first: a long conversion should not end in "cannot write"
-        check_writable_dir(os.path.dirname(os.path.abspath(args.output)))
+        check_output(args.output, args.to, args.overwrite)
         name, layout, state = to_canonical(read_checkpoint(args.input), args.model, args.ema)
+        channels = in_chans_of(state)
+        if args.in_chans is not None:
+            state = adapt_in_chans(state, args.in_chans)
         written = save_converted(name, state, args.to, args.output)
-    except CheckpointError as e:
+    except (CheckpointError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (UsageError, OSError, SafetensorError) as e:
+    except (OSError, SafetensorError) as e:
         print(f"error: cannot write {args.output}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 2
-    print(f"{args.input} ({layout}, {name}) -> {args.output} ({written})")
+    adapted = f", input channels {channels} -> {args.in_chans}" if args.in_chans not in (None, channels) else ""
+    print(f"{args.input} ({layout}, {name}, in_chans {channels}) -> {args.output} ({written}{adapted})")
     return 0
 
 
