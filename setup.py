@@ -17,6 +17,8 @@ setup(
         "pyyaml",
         "safetensors",
         "pillow",
+        "tifffile",  # multi-band, 16-bit and float TIFF / GeoTIFF
+        "imagecodecs",  # the compressions TIFFs use (LZW, deflate, ...)
     ],
     extras_require={
         "dev": ["pytest", "transformers>=4.40", "scikit-image", "matplotlib"],

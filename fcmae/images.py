@@ -1,38 +1,79 @@
-"""Image folders that survive bad files: every file decodes to an 8-bit RGB PIL image, unreadable ones are skipped
-(counted, logged once, capped) instead of stopping or silently thinning a days-long run.
+"""Image folders that survive bad files, for 8-bit photos and for multi-band / high-bit-depth data (satellite
+tiles, CT/MRI slices, microscopy stacks): every file decodes to `in_chans` channels without losing precision;
+unreadable ones are skipped (counted, logged once, capped) instead of stopping or silently thinning a days-long run.
 
 Listing: timm's folder reader (recursive, natural-sorted, class subfolders optional, `class_to_idx` as in timm),
-extended to the formats PIL reads (IMAGE_EXTENSIONS, any case).
+extended to the formats PIL reads and NumPy arrays (IMAGE_EXTENSIONS, any case).
 
-Decoding rules (`load_rgb`):
-- the first frame of multi-frame files (animated GIF/PNG/WebP, multi-page TIFF);
-- EXIF orientation applied;
-- 16-bit (`I;16*`) scaled 65535 -> 255 (PIL's own convert clips at 255, which turns them white); 32-bit int `I`
-  as 16-bit when all values lie in 0..65535, else stretched min..max -> 0..255; float `F` scaled 1 -> 255 when all
-  values lie in 0..1, else stretched min..max -> 0..255 (a constant image becomes black); NaN/inf count as 0;
-- alpha (`RGBA`, `LA`, `PA`, `RGBa`, palette or grey or RGB with a transparent colour) composited over the ImageNet
-  mean colour MEAN_RGB, so transparent areas normalise to about zero;
-- every other mode (`L`, `1`, `P`, `CMYK`, `YCbCr`, `LAB`, `HSV`, ...) by PIL's conversion (CMYK naively: no ICC
-  colour management);
+Decoding (`decode(f, name, in_chans, draft_side)`: a seekable binary file object, its name's extension picks the
+reader) gives one of:
+- a PIL image, 'RGB' (in_chans 3) or 'L' (in_chans 1), for 8-bit sources: the PIL transforms and reduced-scale JPEG
+  decoding apply as before;
+- a uint8 tensor (C, H, W) for 8-bit sources of other channel counts (a 4-band 8-bit TIFF, an RGBA PNG with
+  in_chans 4);
+- a float32 tensor (C, H, W) for deeper sources (16/32-bit integers, floats, signed 8-bit) in their native units:
+  no 8-bit step. float32 holds integers exactly up to 2**24.
+An 8-bit source is meant to be scaled to 0..1 downstream (fcmae.data.normalize divides uint8 by 255), a deeper one
+is normalised in its own units with per-channel statistics (tools/data_stats.py).
+
+Readers:
+- `.npy` (NumPy): (H, W) is one channel, (H, W, C) is C channels; other shapes, and object or complex arrays, are
+  unreadable. A (C, H, W) array is read as (H, W, C): its width fails the channel check, whose reason names the
+  shape.
+- `.tif`/`.tiff` (tifffile, else PIL alone; LZW and most other compressions need `imagecodecs`): reduced-resolution
+  pages (GeoTIFF overviews) and masks are ignored. Layout rule:
+  * pages are channels when there are exactly `in_chans` (> 1) pages, each one 2-D with one sample per pixel and
+    all of the same shape and type (a microscopy stack of C single-channel pages; also with in_chans 3, where a
+    3-page grey TIFF was read as its first page before);
+  * otherwise the first page alone is the image, its samples per pixel the channels, whether interleaved
+    (H, W, bands) or planar (bands, H, W) (a multi-band GeoTIFF, an RGB TIFF); further pages are ignored as PIL
+    ignores further frames, and the channel check names the page count.
+  Values are the raw samples (no palette lookup, orientation or min-is-white inversion) except where the PIL rules
+  below apply: 8-bit photo-like TIFFs (grey, grey+alpha, RGB(A), palette, CMYK, YCbCr) with in_chans 1 or 3, and
+  one-sample TIFFs of any depth with in_chans 3.
+- every other extension (and the TIFFs just named): PIL, by these rules:
+  * in_chans 3, the photo rules, unchanged: the first frame of multi-frame files; EXIF orientation applied;
+    16-bit (`I;16*`) scaled 65535 -> 255 (PIL's own convert clips at 255, which turns them white); 32-bit int `I`
+    as 16-bit when all values lie in 0..65535, else stretched min..max -> 0..255; float `F` scaled 1 -> 255 when
+    all values lie in 0..1, else stretched min..max -> 0..255 (a constant image becomes black); NaN/inf count as 0;
+    alpha (`RGBA`, `LA`, `PA`, `RGBa`, palette or grey or RGB with a transparent colour) composited over the
+    ImageNet mean colour MEAN_RGB, so transparent areas normalise to about zero; every other mode (`L`, `1`, `P`,
+    `CMYK`, `YCbCr`, `LAB`, `HSV`, ...) by PIL's conversion (CMYK naively: no ICC colour management);
+  * in_chans 1: grey files stay one channel: 8-bit grey ('L', bilevel '1') as 'L', grey with alpha composited over
+    the grey mean MEAN_GREY; deeper grey (`I;16*`, `I`, `F`) as float32 in native units; colour files (RGB,
+    palette, CMYK, ...) have the wrong channel count;
+  * other in_chans: 8-bit files whose bands are that many (LA: 2, RGBA and CMYK: 4) as raw uint8 bands; the rest
+    have the wrong channel count.
 - JPEGs much larger than needed are decoded at a reduced scale (libjpeg's DCT scaling, PIL `draft`), keeping both
   sides at least 2x the largest input side, so a 24-megapixel photo costs a fraction of a full decode;
 - a file of more than MAX_PIXELS pixels is unreadable ("decompression bomb"), judged from its header alone.
 
-Unreadable files (empty, truncated, not an image, an unsupported format, removed after listing, over the pixel
-limit) are replaced by the next index (cyclically) that loads, so what a sample index yields stays a function of
-the index alone and the seeded order and exact resume of fcmae.data hold. Each is marked in a shared-memory
-tensor, which DataLoader worker processes write and the main process reads: `BadImageMonitor.poll()` logs each
-newly marked file once with its reason and raises DataError once there are more than --max-bad-fraction of
-them (or, with --bad-image error, at the first). Past that limit a worker of a monitored dataset returns a
-mean-colour stand-in, so it does not die with a traceback, and the poll before the next step stops the run
-before that batch is used; unmonitored, the worker raises. In the main process the dataset raises the DataError
-itself.
+Unreadable files: empty, truncated, not an image, an unsupported format, removed after listing, over the pixel
+limit, a channel count other than in_chans ("4 channels, expected 3 (--in-chans)"), NaN or inf pixel values
+("non-finite pixel values"), and in a folder whose first readable file is 8-bit a high-bit-depth one or the reverse
+(the two are scaled differently, so one normalisation cannot fit both). Each is replaced by the next index
+(cyclically) that loads, so what a sample index yields stays a function of the index alone and the seeded order
+and exact resume hold. Each is marked in a shared-memory tensor, which DataLoader worker processes write and the
+main process reads: `BadImageMonitor.poll()` logs each newly marked file once with its reason and raises DataError
+once there are more than --max-bad-fraction of them (or, with --bad-image error, at the first). Past that limit a
+worker of a monitored dataset returns a stand-in of the dataset's kind (`ImageFiles.stand_in`), so it does not die
+with a traceback, and the poll before the next step stops the run before that batch is used; unmonitored, the
+worker raises. In the main process the dataset raises the DataError itself.
+
+The bad-file protocol BadImageMonitor relies on (duck-typed: ImageFiles has it, a tar-shard dataset may too):
+- `bad`: a uint8 tensor of one entry per sample in shared memory (`.share_memory_()`), 1 where a sample failed;
+- `allowed`: how many bad samples the run tolerates;
+- `monitored`: a bool attribute the monitor sets to True (workers then return stand-ins past the limit);
+- `filename(i) -> str`, `problem(i) -> str` (the reason, found again in the main process);
+- `over_limit() -> bool`, `limit_error() -> DataError`.
+The monitor finds such datasets inside wrappers that keep `.dataset` (Subset, SeededDataset, MaskedImages) or
+`.datasets` (ConcatDataset).
 """
 import logging
 import math
 import os
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -40,18 +81,93 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data.readers.reader_image_folder import find_images_and_targets
 from torch.utils.data import Dataset, get_worker_info
 
-from .data import IMAGENET_MEAN
+from .data import EIGHT_BIT, GREY_MEAN, HIGH_BIT_DEPTH, IMAGENET_MEAN
 from .errors import DataError
 
-log = logging.getLogger("fcmae")
+try:
+    import tifffile
+except ImportError:  # TIFFs are then PIL's: 8-bit and grey ones as before, no multi-band or 16-bit RGB
+    tifffile = None
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
+log = logging.getLogger("fcmae")
+logging.getLogger("tifffile").setLevel(logging.ERROR)  # odd tags are logged as warnings: clutter, as PIL's are
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
+                    ".npy")
+TIFF_EXTENSIONS = (".tif", ".tiff")
 MEAN_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)  # (124, 116, 104)
+MEAN_GREY = round(255 * GREY_MEAN[0])  # 114
 MAX_PIXELS = 178_956_970  # PIL's own hard decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS), so both agree
 
 
+Decoded = Union[Image.Image, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# decoding
+
+def decode(f, name: str, in_chans: int = 3, draft_side: Optional[int] = None) -> Decoded:
+    """One image from the seekable binary file object `f` by the module's rules, the extension of `name` choosing
+    the reader: a PIL 'RGB'/'L' image (8-bit, in_chans 3/1), a uint8 (C, H, W) tensor (8-bit, other C) or a
+    float32 (C, H, W) tensor in native units (deeper sources). Raises (any exception) when it cannot be read,
+    has other than `in_chans` channels, or holds NaN/inf."""
+    ext = os.path.splitext(name)[1].lower()
+    with warnings.catch_warnings():
+        # PIL and tifffile warn about large images, odd EXIF or tags, palette transparency; all of that is
+        # handled here, and warnings from worker processes would only clutter the log
+        warnings.simplefilter("ignore")
+        if ext == ".npy":
+            return _from_planes(*_read_npy(f), in_chans)
+        if ext in TIFF_EXTENSIONS and tifffile is not None:
+            found = _read_tiff(f, in_chans)
+            if found is not None:
+                return _from_planes(*found, in_chans)
+            f.seek(0)
+        img = _open_pil(f, draft_side)
+        if in_chans == 3:
+            return to_rgb(img)
+        if in_chans == 1:
+            return _to_grey(img)
+        return _pil_bands(img, in_chans)
+
+
+def load(path: str, in_chans: int = 3, draft_side: Optional[int] = None) -> Decoded:
+    """`decode` of the file at `path`."""
+    with open(path, "rb") as f:
+        return decode(f, path, in_chans, draft_side)
+
+
+def load_rgb(path: str, draft_side: Optional[int] = None) -> Image.Image:
+    """An 8-bit RGB PIL image of any file PIL reads, by the photo rules (whatever its depth); raises when it
+    cannot be read."""
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return to_rgb(_open_pil(f, draft_side))
+
+
+def kind_of(img: Decoded) -> str:
+    """EIGHT_BIT (PIL image, uint8 tensor: scaled to 0..1 downstream) or HIGH_BIT_DEPTH (float32, native units)."""
+    return EIGHT_BIT if isinstance(img, Image.Image) or img.dtype == torch.uint8 else HIGH_BIT_DEPTH
+
+
+def _check_pixels(height: int, width: int):
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"{width}x{height} = {width * height} pixels, over the limit of {MAX_PIXELS} "
+                         "(fcmae.images.MAX_PIXELS)")
+
+
+def _open_pil(f, draft_side: Optional[int]) -> Image.Image:
+    img = Image.open(f)
+    _check_pixels(img.height, img.width)
+    if draft_side and img.format == "JPEG":
+        img.draft(None, (draft_side, draft_side))  # scale 1/2, 1/4 or 1/8, each side kept >= draft_side
+    img.load()
+    ImageOps.exif_transpose(img, in_place=True)
+    return img
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB by the module's rules (deep modes scaled, alpha over the mean colour, the rest by PIL)."""
+    """8-bit RGB by the photo rules (deep modes scaled, alpha over the mean colour, the rest by PIL)."""
     if img.mode.startswith("I") or img.mode == "F":
         img = Image.fromarray(_to_uint8(np.asarray(img), img.mode))
     if img.has_transparency_data:
@@ -63,7 +179,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     a = np.where(np.isfinite(a), a, 0).astype(np.float64)
     lo, hi = a.min(), a.max()
-    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+    if (mode.startswith("I;16") or mode == "I") and lo >= 0 and hi <= 65535:
         a = a / 257  # 65535 -> 255
     elif mode == "F" and lo >= 0 and hi <= 1:
         a = a * 255
@@ -72,60 +188,186 @@ def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     return np.rint(a).astype(np.uint8)
 
 
-def load_rgb(path: str, draft_side: Optional[int] = None) -> Image.Image:
-    """Decode one file by the module's rules; raises (any exception) when it cannot be read."""
-    with open(path, "rb") as f, warnings.catch_warnings():
-        # PIL warns about large images, odd EXIF or palette transparency; all of that is handled here, and
-        # warnings from worker processes would only clutter the log
-        warnings.simplefilter("ignore")
-        img = Image.open(f)
-        if img.width * img.height > MAX_PIXELS:
-            raise ValueError(f"{img.width}x{img.height} = {img.width * img.height} pixels, over the limit of "
-                             f"{MAX_PIXELS} (fcmae.images.MAX_PIXELS)")
-        if draft_side and img.format == "JPEG":
-            img.draft(None, (draft_side, draft_side))  # scale 1/2, 1/4 or 1/8, each side kept >= draft_side
-        img.load()
-        ImageOps.exif_transpose(img, in_place=True)
-        return to_rgb(img)
+PIL_CHANNELS = {"1": 1, "L": 1, "I": 1, "F": 1, "LA": 2, "La": 2, "PA": 4, "P": 3, "RGBA": 4, "RGBa": 4, "CMYK": 4}
+
+
+def _channels(img: Image.Image) -> int:
+    if img.mode.startswith("I;16"):
+        return 1
+    n = PIL_CHANNELS.get(img.mode, len(img.getbands()))
+    return 4 if img.mode == "P" and img.has_transparency_data else n
+
+
+def _wrong_channels(found: int, in_chans: int, detail: str = "") -> ValueError:
+    return ValueError(f"{found} channel{'s' * (found != 1)}, expected {in_chans} (--in-chans){detail}")
+
+
+def _to_grey(img: Image.Image) -> Decoded:
+    """One channel: 8-bit grey as 'L' (alpha over MEAN_GREY), deeper grey as float32 (1, H, W)."""
+    if img.mode.startswith("I") or img.mode == "F":
+        return _float_planes(np.asarray(img)[None])
+    if img.mode not in ("1", "L", "LA", "La"):
+        raise _wrong_channels(_channels(img), 1, f", a {img.mode} image")
+    if img.has_transparency_data:
+        background = Image.new("RGBA", img.size, (MEAN_GREY, MEAN_GREY, MEAN_GREY, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))  # grey stays grey: L of (g, g, g) is g
+    return img if img.mode == "L" else img.convert("L")
+
+
+def _pil_bands(img: Image.Image, in_chans: int) -> torch.Tensor:
+    """8-bit files with `in_chans` bands (LA, RGBA, CMYK), raw, as uint8 (C, H, W)."""
+    if img.mode not in ("LA", "RGBA", "CMYK") or len(img.getbands()) != in_chans:
+        raise _wrong_channels(_channels(img), in_chans, f", a {img.mode} image; multi-band data goes in TIFF or "
+                                                        ".npy files")
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+
+
+def _read_npy(f):
+    """((C, H, W) array, description) of a .npy file: (H, W) or (H, W, C), size checked from the header first."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"a .npy array of shape {shape}; expected (H, W) or (H, W, channels)")
+    if dtype.kind not in "biuf":
+        raise ValueError(f"a .npy array of {dtype}; expected integers, floats or booleans")
+    _check_pixels(shape[0], shape[1])
+    f.seek(0)
+    a = np.load(f, allow_pickle=False)
+    planes = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    return planes, f", a .npy array of shape {a.shape} read as (H, W, channels)"
+
+
+def _read_tiff(f, in_chans: int):
+    """((C, H, W) array, description) of a TIFF by the module's layout rule, or None where PIL's rules apply."""
+    PHOTOMETRIC = tifffile.PHOTOMETRIC
+    with tifffile.TiffFile(f) as tif:
+        pages = [p for p in tif.pages if not (p.subfiletype & 0b101)]  # no overviews (1) or transparency masks (4)
+        if not pages:
+            raise ValueError("a TIFF without a full-resolution page")
+        first = pages[0]
+        _check_pixels(first.imagelength, first.imagewidth)
+        if in_chans > 1 and len(pages) == in_chans and all(
+                p.samplesperpixel == 1 and len(p.shape) == 2 and p.shape == first.shape and p.dtype == first.dtype
+                for p in pages):
+            return np.stack([p.asarray() for p in pages]), f", a TIFF stack of {len(pages)} pages"
+        spp, photometric = first.samplesperpixel, first.photometric
+        photo_like = (photometric in (PHOTOMETRIC.MINISBLACK, PHOTOMETRIC.MINISWHITE) and spp <= 2
+                      or photometric in (PHOTOMETRIC.RGB, PHOTOMETRIC.YCBCR) and spp in (3, 4)
+                      or photometric == PHOTOMETRIC.PALETTE and spp == 1
+                      or photometric == PHOTOMETRIC.SEPARATED and spp == 4)
+        eight_bit = first.dtype in (np.uint8, np.bool_)
+        if photo_like and (eight_bit and in_chans in (1, 3) or in_chans == 3 and spp == 1):
+            return None
+        axes, a = first.axes, first.asarray()
+        if axes == "YX":
+            planes = a[None]
+        elif axes == "YXS":
+            planes = a.transpose(2, 0, 1)
+        elif axes == "SYX":
+            planes = a
+        else:
+            raise ValueError(f"a TIFF page of axes {axes} (shape {a.shape}); expected rows, columns and samples")
+        detail = f", a TIFF of {len(pages)} pages (its pages are channels only when there are --in-chans of " \
+                 f"them, each of one sample)" if len(pages) > 1 else ", a TIFF"
+        return planes, detail
+
+
+def _from_planes(planes: np.ndarray, detail: str, in_chans: int) -> Decoded:
+    """A (C, H, W) array as the module's decoded types, its channel count and values checked."""
+    if planes.shape[0] != in_chans:
+        raise _wrong_channels(planes.shape[0], in_chans, detail)
+    if planes.dtype == np.bool_:
+        planes = planes.astype(np.uint8) * 255
+    if planes.dtype == np.uint8:
+        if in_chans == 3:
+            return Image.fromarray(np.ascontiguousarray(planes.transpose(1, 2, 0)))  # (H, W, 3) uint8: RGB
+        if in_chans == 1:
+            return Image.fromarray(np.ascontiguousarray(planes[0]))  # (H, W) uint8: L
+        return torch.from_numpy(np.ascontiguousarray(planes))
+    return _float_planes(planes)
+
+
+def _float_planes(planes: np.ndarray) -> torch.Tensor:
+    if planes.dtype.kind not in "iuf":
+        raise ValueError(f"unsupported sample type {planes.dtype}")
+    x = torch.from_numpy(np.array(planes, dtype=np.float32, order="C"))  # a copy: contiguous and writable
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"non-finite pixel values ({bad} of {x.numel()} are NaN or inf"
+                         f"{', or beyond float32' if planes.dtype.itemsize > 4 else ''})")
+    return x
 
 
 def describe(error: Exception, path: str) -> str:
-    """A short reason for a log line or an error message."""
+    """A short reason for a log line or an error message (`path`: the file, or "" for in-memory bytes)."""
     if isinstance(error, FileNotFoundError):
         return "file not found (removed after the folder was listed?)"
     if isinstance(error, IsADirectoryError):
         return "a folder, not a file"
     if isinstance(error, PermissionError):
         return "permission denied"
+    if path and os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "empty file"
     if isinstance(error, UnidentifiedImageError):  # its message repeats the path
-        return "empty file" if os.path.getsize(path) == 0 else "not an image, or a format PIL cannot read"
-    message = str(error).splitlines()[0] if str(error) else ""
-    return message[:200] or type(error).__name__
+        return "not an image, or a format PIL cannot read"
+    if type(error).__name__ == "TiffFileError":
+        return f"not a TIFF file, or a damaged one ({str(error).splitlines()[0][:120]})"
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return message.splitlines()[0][:200] if message else type(error).__name__
 
+
+# ------------------------------------------------------------------------------------------------------------------
+# the dataset and its monitor
 
 class ImageFiles(Dataset):
-    """(RGB image, target) for each image file under `root`; bad files skipped as the module describes.
+    """(decoded image, target) for each image file under `root`, `in_chans` channels each (see `decode`); bad files
+    skipped as the module describes.
 
     `input_size` (the transform's output, int or (H, W)) lets big JPEGs decode at a reduced scale;
-    `bad_image` and `max_bad_fraction` set when bad files stop the run."""
+    `bad_image` and `max_bad_fraction` set when bad files stop the run. `kind` is EIGHT_BIT or HIGH_BIT_DEPTH, that
+    of the first file (in listing order) that loads, `kind_file` (None when none of the first 100 does); files of
+    the other kind are bad."""
 
     def __init__(self, root: str, transform=None, class_to_idx=None, input_size=None, bad_image: str = "skip",
-                 max_bad_fraction: float = 0.01):
+                 max_bad_fraction: float = 0.01, in_chans: int = 3):
         if not os.path.isdir(root):
             raise DataError(f"data folder not found: {root}")
         self.samples, self.class_to_idx = find_images_and_targets(root, types=IMAGE_EXTENSIONS,
                                                                   class_to_idx=class_to_idx or None)
         if not self.samples:
             raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        self.root, self.transform = root, transform
+        self.root, self.transform, self.in_chans = root, transform, in_chans
         self.draft_side = 2 * int(max(np.atleast_1d(input_size))) if input_size is not None else None
         self.bad_image, self.max_bad_fraction = bad_image, max_bad_fraction
+        self.monitored = False  # set by BadImageMonitor: someone polls the marks in the main process
+        self._count_bad()
+        self.probe_kind()
+
+    kind: Optional[str] = None  # EIGHT_BIT or HIGH_BIT_DEPTH once probed (probe_kind); None: not known
+    kind_file: Optional[str] = None
+
+    def probe_kind(self, tries: int = 100):
+        """Set `kind` and `kind_file` from the first of the first `tries` samples that loads. Called once, in the
+        constructor, so that every worker process has the same."""
+        for i in range(min(tries, len(self))):
+            try:
+                self.kind, self.kind_file = kind_of(self.load(i)), self.filename(i)
+                return
+            except Exception:
+                continue
+
+    def _count_bad(self):
         # a run tolerates this many bad files; never all of them (there would be nothing to train on)
-        allowed = 0 if bad_image == "error" else math.floor(max_bad_fraction * len(self.samples) + 1e-9)
+        allowed = 0 if self.bad_image == "error" else math.floor(self.max_bad_fraction * len(self.samples) + 1e-9)
         self.allowed = min(allowed, len(self.samples) - 1)
         # 1 = unreadable; in shared memory, so marks made in DataLoader workers reach the main process
         self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
-        self.monitored = False  # set by BadImageMonitor: someone polls the marks in the main process
+
+    def keep_only(self, indices):
+        """Restrict the dataset to these files (in this order), its bad-file count and limit with it."""
+        self.samples = [self.samples[i] for i in indices]
+        self._count_bad()
 
     def __len__(self):
         return len(self.samples)
@@ -133,20 +375,42 @@ class ImageFiles(Dataset):
     def filename(self, i: int) -> str:
         return self.samples[i][0]
 
+    def load(self, i: int) -> Decoded:
+        """File i decoded (no transform); raises when it cannot be read."""
+        return load(self.samples[i][0], self.in_chans, self.draft_side)
+
+    def load_checked(self, i: int) -> Decoded:
+        """`load`, and a file of the other kind than the folder's (8-bit vs high-bit-depth) is unreadable too."""
+        img = self.load(i)
+        if self.kind is not None and kind_of(img) != self.kind:
+            source = os.path.relpath(self.kind_file, self.root)
+            raise ValueError(f"{kind_of(img)} values, but the first image {source} is {self.kind} (8-bit values are "
+                             "scaled to 0..1, deeper ones kept in their units: one folder holds one kind)")
+        return img
+
+    def stand_in(self) -> Decoded:
+        """A mean-valued 32x32 image of the dataset's kind, returned past the limit (so batches still collate)."""
+        c = self.in_chans
+        if self.kind == HIGH_BIT_DEPTH:
+            return torch.zeros(c, 32, 32)
+        if c in (1, 3):
+            return Image.new("L", (32, 32), MEAN_GREY) if c == 1 else Image.new("RGB", (32, 32), MEAN_RGB)
+        return torch.zeros(c, 32, 32, dtype=torch.uint8)
+
     def __getitem__(self, index):
         i = index
         while True:  # ends: once every file has failed, over_limit() holds
             try:
-                img = load_rgb(self.samples[i][0], self.draft_side)
+                img = self.load_checked(i)
                 break
             except Exception:
                 self.bad[i] = 1
                 if self.over_limit():
                     if get_worker_info() is None or not self.monitored:  # unmonitored: a worker traceback, but a stop
                         raise self.limit_error() from None
-                    img, i = Image.new("RGB", (32, 32), MEAN_RGB), index  # stand-in; poll() stops the run
+                    img, i = self.stand_in(), index  # poll() stops the run
                     break
-                i = (i + 1) % len(self.samples)
+                i = (i + 1) % len(self)
         if self.transform is not None:
             img = self.transform(img)
         return img, self.samples[i][1]
@@ -159,11 +423,10 @@ class ImageFiles(Dataset):
 
     def problem(self, i: int) -> str:
         """Why file `i` does not load, found by reading it again (in the main process)."""
-        path = self.samples[i][0]
         try:
-            load_rgb(path, self.draft_side)
+            self.load_checked(i)
         except Exception as e:
-            return describe(e, path)
+            return describe(e, self.filename(i))
         return "failed in a loader process but reads now (a passing I/O error?)"
 
     def limit_error(self) -> DataError:
@@ -178,20 +441,31 @@ class ImageFiles(Dataset):
                          f"{', '.join(named)}{more}; remove or fix them, or raise --max-bad-fraction")
 
 
-def _image_files(dataset) -> Optional[ImageFiles]:
-    """The ImageFiles inside wrappers such as Subset, SeededDataset or MaskedImages (all keep `.dataset`)."""
-    while not isinstance(dataset, ImageFiles) and hasattr(dataset, "dataset"):
-        dataset = dataset.dataset
-    return dataset if isinstance(dataset, ImageFiles) else None
+BAD_FILE_PROTOCOL = ("bad", "allowed", "monitored", "filename", "problem", "over_limit", "limit_error")
+
+
+def _bad_file_sets(dataset):
+    """The datasets with the bad-file protocol inside `dataset` and its wrappers (`.dataset`, `.datasets`)."""
+    if all(hasattr(dataset, name) for name in BAD_FILE_PROTOCOL):
+        yield dataset
+    elif hasattr(dataset, "datasets"):
+        for inner in dataset.datasets:
+            yield from _bad_file_sets(inner)
+    elif hasattr(dataset, "dataset"):
+        yield from _bad_file_sets(dataset.dataset)
 
 
 class BadImageMonitor:
-    """Main-process report of the bad files that any process met in the given datasets (others are ignored:
-    in-memory sets such as Fashion-MNIST cannot have any). Create it before the DataLoaders, call `poll()` once
-    per optimiser step (and after an evaluation)."""
+    """Main-process report of the bad files that any process met in the given datasets: those with the bad-file
+    protocol (module docstring), found inside wrappers; others are ignored (in-memory sets such as Fashion-MNIST
+    cannot have bad files). Create it before the DataLoaders, call `poll()` once per optimiser step (and after an
+    evaluation)."""
 
     def __init__(self, *datasets):
-        self.files = [f for f in map(_image_files, datasets) if f is not None]
+        self.files = []
+        for files in (f for d in datasets for f in _bad_file_sets(d)):
+            if all(files is not seen for seen in self.files):
+                self.files.append(files)
         self.logged = [set() for _ in self.files]
         for files in self.files:
             files.monitored = True
@@ -202,7 +476,7 @@ class BadImageMonitor:
                 continue
             if files.over_limit():
                 raise files.limit_error()
-            for i in files.bad_indices():
+            for i in torch.nonzero(files.bad).flatten().tolist():
                 if i not in logged:
                     logged.add(i)
                     log.warning("skipped unreadable image %s: %s (%d so far; the run stops at %d)",

