@@ -1,9 +1,12 @@
 """Training-state checkpoints: atomic writes, safe loads, and auto-resume from the newest one that loads.
 
-Files are `checkpoint-<step>.pth` in the output dir; the newest `keep` are kept. A checkpoint is written to a
-temporary file, flushed and fsynced, then renamed over the target, so a kill or a full disk never leaves a
-half-written checkpoint under a real name and the previous one stays valid. A write that fails (full disk,
-quota, lost mount) stops the run with exit code 4 and a message naming the checkpoint that is still good.
+Files are `checkpoint-<step>.pth` in the output dir; the newest `keep` are kept (a fresh run never shares its
+folder with another run's checkpoints, fcmae.loop.find_start, so these are the run's own). A checkpoint is
+written to a temporary file, flushed and fsynced, then renamed over the target, so a kill or a full disk never
+leaves a half-written checkpoint under a real name and the previous one stays valid. A write that fails (full
+disk, quota, lost mount; torch's zip writer reports ENOSPC as a RuntimeError) stops the run with exit code 4
+and a message naming the checkpoint that is still good. Unreadable checkpoints found by auto-resume are renamed
+`*.unreadable`, so they neither hide the good ones nor take a keep-k slot.
 """
 import glob
 import logging
@@ -50,7 +53,7 @@ def load(path: str):
 
 def remove_stale_temporaries(output_dir: str):
     """Temporary files of writes cut short by a kill: never valid checkpoints, only taking space."""
-    for p in glob.glob(os.path.join(output_dir, TMP_PREFIX + "*.pth")):
+    for p in glob.glob(os.path.join(output_dir, TMP_PREFIX + "*")):
         os.remove(p)
 
 
@@ -67,13 +70,41 @@ def list_checkpoints(output_dir: str):
 
 
 def latest_loadable(output_dir: str):
-    """(path, state) of the newest checkpoint that loads; broken newer ones are reported and skipped."""
+    """(path, state) of the newest checkpoint that loads; broken newer ones are reported and set aside."""
     for path in list_checkpoints(output_dir):
         try:
             return path, load(path)
         except CheckpointError as e:  # truncated, corrupt or not a checkpoint: fall back to the previous one
-            log.warning("skipping unreadable checkpoint: %s", e)
+            log.warning("skipping unreadable checkpoint (renamed %s.unreadable): %s", os.path.basename(path), e)
+            try:
+                os.replace(path, path + ".unreadable")
+            except OSError:
+                pass
     return None, None
+
+
+def _finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+
+
+def check_finite_or_refuse(state: dict, path: str, output_dir: str):
+    """Refuse to resume weights that are not finite, naming the newest checkpoint whose weights are."""
+    if _finite(state["model"].values()):
+        return
+    finite = None
+    for other in list_checkpoints(output_dir):
+        if os.path.abspath(other) == os.path.abspath(path):
+            continue
+        try:
+            candidate = load(other)
+        except CheckpointError:
+            continue
+        if isinstance(candidate, dict) and isinstance(candidate.get("model"), dict) and _finite(candidate["model"].values()):
+            finite = other
+            break
+    hint = f"resume {finite} with --resume {finite}" if finite else "no checkpoint with finite weights was found"
+    raise CheckpointError(f"{path} holds non-finite weights (NaN or inf), so resuming it would fail again; {hint}, "
+                          "or start anew in a new --output-dir")
 
 
 def save_training_state(output_dir: str, step: int, state: dict, keep: int = 2) -> str:
@@ -84,15 +115,44 @@ def save_training_state(output_dir: str, step: int, state: dict, keep: int = 2) 
     return path
 
 
+def intact_message(output_dir: str, exclude: str = None) -> str:
+    previous = [p for p in list_checkpoints(output_dir or ".") if p != exclude]
+    return f"the previous checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
+
+
+def _reason(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or " ".join(str(e).split())
+    if "unexpected pos" in text or "file write failed" in text:  # torch's zip writer on ENOSPC
+        text = f"the write failed ({text[:120]}), most likely a full disk"
+    return text
+
+
 def save_or_stop(state: dict, path: str):
     """atomic_save, or stop the run with a message naming the newest checkpoint that is still valid."""
     try:
         atomic_save(state, path)
+    except (OSError, RuntimeError) as e:
+        raise RunStopped(f"could not write checkpoint {path}: {_reason(e)}; "
+                         f"{intact_message(os.path.dirname(path), exclude=path)}. Free space (or fix the output dir) "
+                         "and rerun the same command to resume", EXIT_WRITE_FAILED) from None
+
+
+def write_text_or_stop(path: str, text: str):
+    """A small file (config.yaml, metrics.json, summary.csv) written atomically; a failure stops with exit code 4."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".txt", dir=directory)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     except OSError as e:
-        previous = [p for p in list_checkpoints(os.path.dirname(path) or ".") if p != path]
-        kept = f"the previous checkpoint {previous[0]} is intact" if previous else "no earlier checkpoint exists"
-        raise RunStopped(f"could not write checkpoint {path}: {e.strerror or e}; {kept}. Free space (or fix the "
-                         "output dir) and rerun the same command to resume", EXIT_WRITE_FAILED) from None
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        raise RunStopped(f"could not write {path}: {_reason(e)}; {intact_message(directory)}. Free space (or fix "
+                         "the output dir) and rerun the same command to resume", EXIT_WRITE_FAILED) from None
 
 
 def rng_state() -> dict:

@@ -1,26 +1,16 @@
-"""Pieces shared by the command-line entry points: logging, errors as one line + exit code, output dir checks.
+"""What every command-line entry point shares: errors as one line + exit code, output location checks.
 
-Exit codes: 0 finished (or stopped by SIGTERM/SIGINT after saving), 2 bad input (arguments, data, checkpoints),
-3 non-finite loss or gradient, 4 a checkpoint could not be written (the previous one stays valid).
+Exit codes are defined in fcmae/errors.py: 0 finished, 2 bad input, 3 non-finite numbers, 4 a write failed,
+75 stopped by a signal after saving (rerun to resume), 130 interrupted during start-up (nothing written).
 """
-import logging
 import os
 import sys
 import tempfile
 
 from .errors import BAD_INPUT, EXIT_USAGE, RunStopped, UsageError
+from .logs import report_error
 
-
-def setup_logging(output_dir=None, main_process: bool = True):
-    """Progress to stdout, warnings and errors to stderr, everything to `output_dir`/log.txt."""
-    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
-    out.addFilter(lambda record: record.levelno < logging.WARNING)
-    err.setLevel(logging.WARNING)
-    handlers = [out, err]
-    if output_dir and main_process:
-        handlers.append(logging.FileHandler(os.path.join(output_dir, "log.txt")))
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, handlers=handlers, force=True,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+EXIT_INTERRUPTED = 130
 
 
 def check_writable_dir(path: str):
@@ -37,17 +27,19 @@ def check_writable_dir(path: str):
         raise UsageError(f"output dir {path} is not writable ({e.strerror})") from None
 
 
-def report_error(message: str):
-    """One `error: ...` line on stderr; in a running job also in log.txt, which should say why the run stopped."""
-    print(f"error: {message}", file=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.emit(logging.LogRecord("fcmae", logging.ERROR, __file__, 0, f"error: {message}", None, None))
+def check_output_file(path: str, what: str = "output"):
+    """A file to be written at the end (e.g. --json): its folder must be writable now, before any work."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder, not a file")
+    try:
+        check_writable_dir(os.path.dirname(os.path.abspath(path)))
+    except UsageError as e:  # the message names the option, not only a folder
+        raise UsageError(f"cannot write {what} {path}: {e}") from None
 
 
 def run_cli(main_fn, argv=None) -> int:
     """Run `main_fn(argv)`; bad input (also data that turns out bad mid-run) becomes `error: <message>` and exit
-    code 2, a stopped run its own code, with no traceback."""
+    code 2, a stopped run its own code, Ctrl-C before training starts exit 130; never a traceback for these."""
     try:
         main_fn(argv)
     except BAD_INPUT as e:
@@ -56,4 +48,11 @@ def run_cli(main_fn, argv=None) -> int:
     except RunStopped as e:
         report_error(str(e))
         return e.exit_code
+    except KeyboardInterrupt:
+        report_error("interrupted (Ctrl-C) before training started; nothing was written")
+        return EXIT_INTERRUPTED
     return 0
+
+
+def exit_with(main_fn, argv=None):
+    sys.exit(run_cli(main_fn, argv))

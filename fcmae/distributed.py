@@ -81,3 +81,10 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def device_for(device: str, dist_info: DistInfo) -> torch.device:
+    """The process's device: under DDP on GPUs, its local rank's GPU."""
+    if device.startswith("cuda") and dist_info.enabled:
+        return torch.device(f"cuda:{dist_info.local_rank}")
+    return torch.device(device)

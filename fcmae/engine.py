@@ -1,14 +1,15 @@
-"""One optimiser step (forward under autocast, backward with accumulation, clip, step) and the guard that
-stops a run on non-finite numbers. Shared by pretraining and fine-tuning."""
+"""One optimiser step, shared by pretraining and fine-tuning: forward under autocast, backward with gradient
+accumulation, clipping, and the update, which a non-finite loss or gradient skips on the device.
+
+Nothing here reads a device value on the host: the step returns the loss, the gradient norm and a finite flag as
+device tensors, and the training loop reads them at its logging interval (a GPU never waits on Python).
+"""
 import contextlib
-import logging
-import math
+from typing import Callable, Optional
 
 import torch
 
-from .errors import EXIT_NONFINITE, RunStopped
-
-log = logging.getLogger("fcmae")
+from .optim import step_unless
 
 
 def autocast(device: torch.device, amp: str):
@@ -18,56 +19,41 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def channels_last(micro_batches):
-    return [(imgs.contiguous(memory_format=torch.channels_last), other) for imgs, other in micro_batches]
-
-
-def train_step(model, micro_batches, optimizer, scaler, device, amp: str, clip_grad=None):
+def train_step(net, micro_batches, optimizer, scaler, device, amp: str, clip_grad: Optional[float] = None,
+               prepare: Optional[Callable] = None):
     """Accumulate gradients over `micro_batches` (a list of (images, masks or labels)), then take one optimiser
-    step. Returns (mean loss of this process, grad norm). The loss of each micro-batch is divided by their number,
-    so k micro-batches of b images give the gradient of one batch of k*b (with per-sample GRN statistics).
+    step. `net(images, target)[0]` is the loss; `prepare(images, target)` (e.g. normalisation, channels-last)
+    runs on the device first. Returns (loss, grad_norm, finite), 0-d device tensors: the mean loss of this
+    process's micro-batches (each divided by their number, so k micro-batches of b images give the gradient of
+    one batch of k*b with per-sample GRN statistics), the gradient norm before clipping, and whether the step
+    was taken.
 
-    A non-finite gradient norm skips the update (fp16: the scaler skips it and lowers its scale). Under DDP the
-    norm is taken after the all-reduce, so every process makes the same decision; `NonFiniteGuard` decides
-    whether the run goes on."""
+    A non-finite loss or gradient norm skips the update on the device (fp16: the scaler skips non-finite
+    gradients and lowers its scale; that alone is not a failure). Under DDP the norm is taken after the
+    all-reduce, so every process makes the same decision."""
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    total = None
     for i, (imgs, target) in enumerate(micro_batches):
         imgs, target = imgs.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if prepare is not None:
+            imgs, target = prepare(imgs, target)
         sync = contextlib.nullcontext()
-        if hasattr(model, "no_sync") and i < len(micro_batches) - 1:
-            sync = model.no_sync()  # DDP: all-reduce once, on the last micro-batch
+        if hasattr(net, "no_sync") and i < len(micro_batches) - 1:
+            sync = net.no_sync()  # DDP: all-reduce once, on the last micro-batch
         with sync:
             with autocast(device, amp):
-                loss, _, _ = model(imgs, target)
+                loss = net(imgs, target)[0]
             scaler.scale(loss / len(micro_batches)).backward()
-        total += loss.item()
+        total = loss.detach().float() if total is None else total + loss.detach().float()
+    loss = total / len(micro_batches)
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf"))
-    if amp == "fp16" or torch.isfinite(grad_norm):
-        scaler.step(optimizer)
+    if amp == "fp16":
+        finite = torch.isfinite(loss)
+        scaler.step(optimizer)  # skips non-finite gradients itself (on the device with a fused optimizer)
+    else:
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        step_unless(optimizer, ~finite)
     scaler.update()
-    return total / len(micro_batches), grad_norm.item()
-
-
-class NonFiniteGuard:
-    """Counts steps whose loss (averaged over processes) or gradient is not finite. Up to `allowed` of them are
-    skipped with a warning (`--skip-nonfinite K`); the next one stops the run before anything is saved, so the
-    last checkpoint stays the last good state. With fp16 an infinite gradient alone is the scaler's business
-    (it skips the step and lowers its scale), not a failure."""
-
-    def __init__(self, allowed: int = 0):
-        self.allowed, self.skipped = allowed, 0
-
-    def check(self, step: int, loss: float, grad_norm: float, amp: str):
-        if math.isfinite(loss) and (amp == "fp16" or math.isfinite(grad_norm)):
-            return
-        what = f"non-finite loss ({loss})" if not math.isfinite(loss) else f"non-finite gradient norm ({grad_norm})"
-        if self.skipped < self.allowed:
-            self.skipped += 1
-            log.warning("step %d: %s, update skipped (%d of %d allowed by --skip-nonfinite)", step, what,
-                        self.skipped, self.allowed)
-            return
-        raise RunStopped(f"{what} at step {step}; stopping (the last checkpoint is left untouched; lower the lr, "
-                         f"use --clip-grad, or allow a few with --skip-nonfinite K)", EXIT_NONFINITE)
+    return loss, grad_norm.detach(), finite

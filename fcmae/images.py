@@ -481,3 +481,12 @@ class BadImageMonitor:
                     logged.add(i)
                     log.warning("skipped unreadable image %s: %s (%d so far; the run stops at %d)",
                                 files.filename(i), files.problem(i), len(logged), files.allowed + 1)
+
+
+def image_folder(root: str, transform=None, class_to_idx=None, input_size=None, bad_image: str = "skip",
+                 max_bad_fraction: float = 0.01, in_chans: int = 3):
+    """A folder of images, with or without class subfolders (timm's reader), decoded to `in_chans` channels with
+    unreadable files skipped and counted (this module). A missing folder or one without images is a DataError,
+    raised here."""
+    return ImageFiles(root, transform=transform, class_to_idx=class_to_idx, input_size=input_size,
+                      bad_image=bad_image, max_bad_fraction=max_bad_fraction, in_chans=in_chans)

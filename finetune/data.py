@@ -26,8 +26,9 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
-from fcmae.data import (HIGH_BIT_DEPTH, AsTensor, DataError, FashionMNIST, UsageError, image_folder,
-                        resolve_mean_std)
+from fcmae.data import HIGH_BIT_DEPTH, AsTensor, FashionMNIST, resolve_mean_std
+from fcmae.errors import DataError, UsageError
+from fcmae.images import image_folder
 
 EVAL_CROP_PCT = 0.875  # eval: resize to input / 0.875 (256 for 224), then centre crop
 SQUASH_FROM = 384  # from this input size on, eval resizes to the input size without a crop (the reference's rule)
@@ -156,9 +157,27 @@ class Datasets:
     classes: List[str]
 
 
+def _shard_pair(train_dir: str, val_dir: str, train_tf, val_tf, **options):
+    """train/ and val/ as folders of WebDataset tar shards with .cls labels (python -m tools.make_shards)."""
+    from fcmae.shards import TarShards
+
+    train, val = TarShards(train_dir, transform=train_tf, **options), TarShards(val_dir, transform=val_tf, **options)
+    for ds, where in ((train, train_dir), (val, val_dir)):
+        if (np.asarray(ds.targets) < 0).any():
+            raise DataError(f"{where}: {int((np.asarray(ds.targets) < 0).sum())} samples have no .cls label")
+    if val.num_classes > train.num_classes:
+        raise DataError(f"{val_dir} has labels up to {val.num_classes - 1}, train/ only up to {train.num_classes - 1}")
+    return train, val, list(train.classes)
+
+
 def _folder_pair(data_path: str, train_tf, val_tf, **options):
     """`data_path/train` defines the classes; `data_path/val` must use a subset of them. `options`: image_folder's
-    decoding and bad-file settings."""
+    decoding and bad-file settings. Both may instead be folders of tar shards."""
+    from fcmae.shards import is_shards
+
+    if is_shards(os.path.join(data_path, "train")):
+        return _shard_pair(os.path.join(data_path, "train"), os.path.join(data_path, "val"), train_tf, val_tf,
+                           **options)
     train = image_folder(os.path.join(data_path, "train"), transform=train_tf, **options)
     classes = train.class_to_idx
     if "" in classes:

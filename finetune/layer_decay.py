@@ -98,3 +98,17 @@ def param_groups(model: nn.Module, depths: Sequence[int], weight_decay: float, l
         groups[key]["params"].append(p)
         groups[key]["param_names"].append(name)
     return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, depths: Sequence[int], lr: float, weight_decay: float, layer_decay: float,
+                    layer_decay_type: str, device_type: str):
+    """AdamW (0.9, 0.999) through timm's factory on the reference's layer-decay groups; fused where PyTorch has it
+    (CPU, CUDA), so a non-finite step is skipped on the device (fcmae.optim.step_unless)."""
+    from functools import partial
+
+    from timm.optim import create_optimizer_v2
+
+    groups = partial(param_groups, depths=depths, weight_decay=weight_decay, layer_decay=layer_decay,
+                     layer_decay_type=layer_decay_type)
+    return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
+                               param_group_fn=groups, fused=device_type in ("cpu", "cuda"))

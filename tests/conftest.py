@@ -11,10 +11,23 @@ FAST_FINETUNE = ["--model", "convnextv2_atto", "--input-size", "32", "--batch-si
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow (huge model etc.)")
+    parser.addoption("--cuda-dry-run", action="store_true", default=False,
+                     help="run the cuda-marked tests on the CPU at toy sizes (tools/gpu_check.sh --dry-run)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes-long test (huge model); run with --runslow")
+    config.addinivalue_line("markers", "cuda: needs a GPU (tools/gpu_check.sh); on the CPU only with --cuda-dry-run")
+
+
+@pytest.fixture(scope="session")
+def gpu(request):
+    """The CUDA device for cuda-marked tests; the CPU with --cuda-dry-run; else the test is skipped."""
+    if request.config.getoption("--cuda-dry-run"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (tools/gpu_check.sh runs these on a GPU; --cuda-dry-run on the CPU)")
+    return torch.device("cuda")
 
 
 def pytest_collection_modifyitems(config, items):

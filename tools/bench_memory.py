@@ -24,18 +24,19 @@ def step_peak(model: str, size: int, batch: int, checkpointing: bool, backend: s
     import torch
 
     from fcmae.engine import train_step
+    from fcmae.optim import adamw
     from models import create_fcmae, random_mask
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     fcmae = create_fcmae(model, backend=backend)
     fcmae.encoder.grad_checkpointing = checkpointing
-    optimizer = torch.optim.AdamW(fcmae.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    optimizer = adamw(fcmae.parameters(), 1e-4, (0.9, 0.95), "cpu")
     imgs = torch.randn(batch, 3, size, size)
     mask = random_mask(batch, (size // 32) ** 2, 0.6)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     t0 = time.perf_counter()
-    loss, _ = train_step(fcmae, [(imgs, mask)], optimizer, scaler, torch.device("cpu"), "none")
+    loss = float(train_step(fcmae, [(imgs, mask)], optimizer, scaler, torch.device("cpu"), "none")[0])
     seconds = time.perf_counter() - t0
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -70,7 +71,10 @@ def line_through(p: dict, q: dict):
     return p["peak_bytes"] - per_image * p["batch"], per_image
 
 
-def largest_batch(args, checkpointing: bool, budget: int) -> dict:
+def largest_batch(args, checkpointing: bool, budget: int, measure=measure) -> dict:
+    """Two probes give the line, the predicted batch is measured and stepped down (or the line refitted through
+    an over-budget point) until one fits. `measure(args, batch, checkpointing)` -> {"batch", "peak_bytes" (None
+    when the step died), ...}: a real step in a fresh process, or a stand-in in tests."""
     a, b = measure(args, args.probe_batches[0], checkpointing), measure(args, args.probe_batches[1], checkpointing)
     for probe in (a, b):
         if probe["peak_bytes"] is None:
@@ -99,27 +103,41 @@ def largest_batch(args, checkpointing: bool, budget: int) -> dict:
             "measurements": tried}
 
 
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tools.bench_memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="convnextv2_huge", help="variant to measure (default: convnextv2_huge)")
-    p.add_argument("--input-size", type=int, default=224, help="square input size in pixels, divisible by 32")
-    p.add_argument("--backend", default="sparse", choices=["sparse", "dense", "minkowski"],
-                   help="encoder backend (default: sparse)")
-    p.add_argument("--limit-gib", type=float, default=24.0,
-                   help="memory budget in GiB; capped by what the machine has free (default: 24)")
-    p.add_argument("--probe-batches", type=int, nargs=2, default=[1, 3], metavar=("SMALL", "LARGER"),
-                   help="two batch sizes measured first to fit the line memory = fixed + per-image x batch")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write every measurement as JSON")
-    args = p.parse_args(argv)
+    from fcmae.cli import check_output_file
+    from fcmae.errors import UsageError
+    from fcmae.options import ArgParser, Float, Int, Str, add, parse_with_config
+
+    p = ArgParser(prog="python -m tools.bench_memory", description=__doc__.split("\n\n")[0])
+    add(p, "--model", kind=Str(), default="convnextv2_huge", help="variant to measure (default: convnextv2_huge)")
+    add(p, "--input-size", kind=Int(min=32), default=224, help="square input size in pixels, divisible by 32")
+    add(p, "--backend", kind=Str(["sparse", "dense", "minkowski"]), default="sparse",
+        help="encoder backend (default: sparse)")
+    add(p, "--limit-gib", kind=Float(min=0, open_min=True), default=24.0,
+        help="memory budget in GiB; capped by what the machine has free (default: 24)")
+    add(p, "--probe-batches", kind=Int(min=1), nargs=2, default=[1, 3], metavar=("SMALL", "LARGER"),
+        help="two batch sizes measured first to fit the line memory = fixed + per-image x batch")
+    add(p, "--threads", kind=Int(min=1), default=os.cpu_count(), help="torch threads (default: all cores)")
+    add(p, "--json", kind=Str(), default=None, metavar="PATH", help="also write every measurement as JSON")
+    try:
+        args = parse_with_config(p, argv)
+        if args.json:
+            check_output_file(args.json, "--json")
+    except UsageError as e:
+        fail(str(e))
     from models import VARIANTS
     if args.model not in VARIANTS:
-        p.error(f"unknown model {args.model!r}; valid: {', '.join(VARIANTS)}")
+        fail(f"unknown model {args.model!r}; valid: {', '.join(VARIANTS)}")
     if args.input_size <= 0 or args.input_size % 32:
-        p.error(f"--input-size must be a positive multiple of 32, got {args.input_size}")
+        fail(f"--input-size must be a positive multiple of 32, got {args.input_size}")
     small, larger = args.probe_batches
     if not 1 <= small < larger:
-        p.error(f"--probe-batches needs 1 <= SMALL < LARGER, got {small} {larger}")
+        fail(f"--probe-batches needs 1 <= SMALL < LARGER, got {small} {larger}")
     budget = min(args.limit_gib * GIB, available_bytes() - GIB // 2)
     print(f"{args.model} at {args.input_size}, {args.backend} backend: budget {budget / GIB:.1f} GiB "
           f"(--limit-gib {args.limit_gib}, capped by this machine's free memory)", flush=True)

@@ -3,16 +3,22 @@
     python -m tools.benchmark                   # the target configuration: atto, 224x224, batch 32, mask 0.6
     python -m tools.benchmark --scaling         # the README scaling table (sparse vs dense), as markdown
     python -m tools.benchmark --variants atto tiny --input-sizes 128 192x256 --batch-sizes 8 --json out.json
+    python -m tools.benchmark --amp none bf16    # every candidate in float32 and under bf16 autocast
+    python -m tools.benchmark --compile          # adds the compiled sparse step (sparse+compile)
+    python -m tools.benchmark --data FOLDER_OR_SHARDS   # the input pipeline instead (tools/bench_loader.py)
 
 Candidates, each one full optimiser step on a fixed synthetic batch (same seed, same images and masks):
-  sparse, dense, minkowski  FCMAE pretraining step (fcmae.engine.train_step, AdamW from fcmae.pretrain) per backend;
-                            minkowski only where MinkowskiEngine imports
+  sparse, dense, minkowski  FCMAE pretraining step (fcmae.engine.train_step, fused AdamW from fcmae.optim) per
+                            backend; minkowski only where MinkowskiEngine imports
+  sparse+compile            the sparse step with the model compiled (--compile; the first, discarded round compiles)
   timm                      a bare supervised step of timm's dense model of the same variant: cross-entropy, AdamW
   finetune                  our fine-tuning step: the timm classifier wrapped as finetune does (WithLoss, layer-decay
-                            AdamW from finetune, fcmae.engine.train_step)
+                            AdamW from finetune.layer_decay, fcmae.engine.train_step)
+With --amp, every candidate runs in every precision given (bf16; fp16 on CUDA only), named e.g. `sparse/bf16`.
 
 Timing: candidates are interleaved over rounds (the order rotates every round), so load drift on a shared machine
-hits them alike; a first warm-up round is discarded. Reported: median, min, max, images/s.
+hits them alike; a first warm-up round is discarded. Reported: median, min, max, images/s; every ratio is computed
+from the medians and from the per-round minimums (the minimum is what a quiet machine gives: robust to load).
 Peak memory: the peak above the pre-step baseline over two steps (optimizer state, gradients, activations). On CPU
 each candidate runs in its own fresh process, so peaks cannot mix (RSS high-water mark; /proc/self/clear_refs
 resets it after the model is built); on CUDA torch.cuda.max_memory_allocated after a reset.
@@ -34,23 +40,31 @@ import torch.nn.functional as F
 # so that it imports them (seconds) while this process does the same, not after
 
 BACKENDS = ("sparse", "dense", "minkowski")
-CANDIDATES = BACKENDS + ("timm", "finetune")
+CANDIDATES = BACKENDS + ("timm", "finetune", "sparse+compile")
 MEMORY_STEPS = 2  # the first step also allocates the optimiser state
 MEMORY_PROCESSES = 2  # memory processes run side by side (peaks are per process, so they do not mix)
 
-# (numerator, denominator, what, target test, target text): sparse/x < 1 means sparse is faster / smaller
+# (numerator, denominator, what, target test, target text), candidates named "name/amp": sparse/x < 1 means sparse
+# is faster / smaller. A ratio whose candidates were not run is left out.
 RATIOS = {
-    "sparse_over_dense_time": ("sparse", "dense", "time", lambda r: r <= 0.5, "<= 0.50 (>= 2.0x faster)"),
-    "sparse_over_minkowski_time": ("sparse", "minkowski", "time", lambda r: r <= 0.4, "<= 0.40 (>= 2.5x faster)"),
-    "sparse_over_timm_supervised_time": ("sparse", "timm", "time", lambda r: r <= 0.5, "<= 0.50"),
-    "sparse_over_dense_peak_memory": ("sparse", "dense", "memory", lambda r: r <= 0.6, "<= 0.60"),
-    "finetune_over_bare_timm_time": ("finetune", "timm", "time", lambda r: abs(r - 1) <= 0.05, "1.00 +- 0.05"),
+    "sparse_over_dense_time": ("sparse/none", "dense/none", "time", lambda r: r <= 0.5, "<= 0.50 (>= 2.0x faster)"),
+    "sparse_over_minkowski_time": ("sparse/none", "minkowski/none", "time", lambda r: r <= 0.4,
+                                   "<= 0.40 (>= 2.5x faster)"),
+    "sparse_over_timm_supervised_time": ("sparse/none", "timm/none", "time", lambda r: r <= 0.45, "<= 0.45"),
+    "sparse_over_dense_peak_memory": ("sparse/none", "dense/none", "memory", lambda r: r <= 0.6, "<= 0.60"),
+    "finetune_over_bare_timm_time": ("finetune/none", "timm/none", "time", lambda r: abs(r - 1) <= 0.05,
+                                     "1.00 +- 0.05"),
+    "sparse_bf16_over_timm_float32_time": ("sparse/bf16", "timm/none", "time", lambda r: r <= 0.30, "<= 0.30"),
+    "sparse_bf16_over_timm_bf16_time": ("sparse/bf16", "timm/bf16", "time", lambda r: r <= 0.45, "<= 0.45"),
+    "sparse_bf16_over_dense_bf16_time": ("sparse/bf16", "dense/bf16", "time", lambda r: r <= 1 / 1.5,
+                                         "<= 0.67 (>= 1.5x faster)"),
+    "compiled_over_eager_sparse_time": ("sparse+compile/none", "sparse/none", "time", lambda r: r <= 1.0, "<= 1.00"),
 }
 
 # --scaling: one axis at a time around the base point (the first value of each list)
 SCALING = {"variants": ["atto", "tiny", "base"], "input_sizes": [(224, 224), (128, 128), (384, 384)],
            "mask_ratios": [0.6, 0.4, 0.75], "batch_sizes": [8], "rounds": 2}
-DEFAULTS = {"variants": ["atto"], "input_sizes": [(224, 224)], "mask_ratios": [0.6], "batch_sizes": [32], "rounds": 5}
+DEFAULTS = {"variants": ["atto"], "input_sizes": [(224, 224)], "mask_ratios": [0.6], "batch_sizes": [32], "rounds": 8}
 
 
 def quiet():
@@ -71,56 +85,63 @@ def minkowski_available() -> bool:
 # Candidates
 
 
-def build(name: str, cfg: dict, device: torch.device):
-    """A zero-argument function running one optimiser step of candidate `name` on a fixed synthetic batch."""
-    from argparse import Namespace
-
+def build(candidate: str, cfg: dict, device: torch.device):
+    """A zero-argument function running one optimiser step of `candidate` ("name/amp") on a fixed synthetic batch."""
     import timm
 
-    from fcmae.engine import train_step
+    from fcmae.engine import autocast, train_step
+    from fcmae.optim import adamw
     from models import create_fcmae, random_mask
     from models.masking import mask_grid
     from models.variants import get_variant
 
+    name, amp = candidate.split("/")
     torch.manual_seed(0)  # the same initial weights for every FCMAE backend, the same images for everyone
     model_name = get_variant(cfg["variant"]).name
-    (h, w), batch = cfg["input_size"], cfg["batch_size"]
-    imgs = torch.randn(batch, 3, h, w).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    if name in BACKENDS:
-        from fcmae.pretrain import build_optimizer
+    (h, w), batch, c = cfg["input_size"], cfg["batch_size"], cfg.get("in_chans", 3)
+    imgs = torch.randn(batch, c, h, w).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    backend = name.split("+")[0]
+    if backend in BACKENDS:
+        from timm.optim import param_groups_weight_decay
 
         rows, cols = mask_grid(h, w)
         mask = random_mask(batch, rows * cols, cfg["mask_ratio"], generator=torch.Generator().manual_seed(0))
-        model = create_fcmae(model_name, backend=name, mask_ratio=cfg["mask_ratio"]).to(device)
-        args = Namespace(batch_size=batch, accum_iter=1, blr=1.5e-4, lr=None, weight_decay=0.05)
-        optimizer = build_optimizer(model, args, 1)
+        model = create_fcmae(model_name, backend=backend, mask_ratio=cfg["mask_ratio"], in_chans=c).to(device)
+        if name.endswith("+compile"):
+            from models.fcmae import compile_for_training
+
+            compile_for_training(model)
+        groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=["mask_token"])
+        optimizer = adamw(groups, 1.5e-4 * batch / 256, (0.9, 0.95), device.type)
         micro = [(imgs, mask.to(device))]
-        return lambda: train_step(model, micro, optimizer, scaler, device, "none")
+        return lambda: train_step(model, micro, optimizer, scaler, device, amp)
     labels = torch.randint(0, 1000, (batch,)).to(device)
     if name == "timm":
-        model = timm.create_model(model_name, num_classes=1000).to(device)
+        model = timm.create_model(model_name, num_classes=1000, in_chans=c).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(imgs), labels).backward()
-            optimizer.step()
+            with autocast(device, amp):
+                loss = F.cross_entropy(model(imgs).float(), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
         return step
     if name == "finetune":
-        from finetune.__main__ import build_optimizer
         from finetune.engine import WithLoss
+        from finetune.layer_decay import build_optimizer
         from finetune.model import create_classifier
 
-        model = create_classifier(model_name, 1000, 0.0).to(device)
+        model = create_classifier(model_name, 1000, 0.0, c).to(device)
         net = WithLoss(model, torch.nn.CrossEntropyLoss())
-        args = Namespace(batch_size=batch, accum_iter=1, blr=2e-4, lr=None, model=model_name, weight_decay=0.05,
-                         layer_decay=0.9, layer_decay_type="single")
-        optimizer = build_optimizer(model, args, 1)
+        optimizer = build_optimizer(model, get_variant(model_name).depths, 2e-4 * batch / 256, 0.05, 0.9, "single",
+                                    device.type)
         micro = [(imgs, labels)]
-        return lambda: train_step(net, micro, optimizer, scaler, device, "none")
-    raise ValueError(f"unknown candidate {name}")
+        return lambda: train_step(net, micro, optimizer, scaler, device, amp)
+    raise ValueError(f"unknown candidate {candidate}")
 
 
 def sync(device: torch.device):
@@ -207,7 +228,7 @@ def _process_context():
     ctx = mp.get_context("forkserver")
     # not this module itself: a child re-runs `python -m tools.benchmark`'s main module, and runpy warns when it
     # finds that module already imported
-    ctx.set_forkserver_preload(["torch", "timm", "models", "fcmae.engine", "fcmae.pretrain", "finetune.__main__"])
+    ctx.set_forkserver_preload(["torch", "timm", "models", "fcmae.engine", "fcmae.optim", "finetune.layer_decay"])
     return ctx
 
 
@@ -287,34 +308,41 @@ def run_config(cfg: dict, names, rounds: int, device, threads, ctx) -> dict:
         med = statistics.median(t)
         results[name] = {"times_s": t, "median_s": med, "min_s": min(t), "max_s": max(t),
                          "images_per_s": cfg["batch_size"] / med, **memory.get(name, {})}
-    ratios, targets = {}, {}
+    ratios, ratios_min, targets = {}, {}, {}
     for key, (num, den, what, test, text) in RATIOS.items():
-        field = "median_s" if what == "time" else "peak_memory_bytes"
-        a, b = results.get(num, {}).get(field), results.get(den, {}).get(field)
-        ratios[key] = a / b if a is not None and b else None
-        targets[key] = {"target": text, "met": None if ratios[key] is None else bool(test(ratios[key]))}
+        if num not in names or den not in names:
+            continue
+        for out, field in ((ratios, "median_s" if what == "time" else "peak_memory_bytes"),
+                           (ratios_min, "min_s" if what == "time" else "peak_memory_bytes")):
+            a, b = results.get(num, {}).get(field), results.get(den, {}).get(field)
+            out[key] = a / b if a is not None and b else None
+        met = [bool(test(r)) for r in (ratios[key], ratios_min[key]) if r is not None]
+        targets[key] = {"target": text, "met_median": met[0] if met else None, "met_min": met[-1] if met else None}
     return {**cfg, "input_size": list(cfg["input_size"]), "device": device.type, "rounds": rounds,
-            "candidates": results, "ratios": ratios, "targets": targets}
+            "candidates": results, "ratios": ratios, "ratios_min": ratios_min, "targets": targets}
 
 
 def print_config(res: dict):
     h, w = res["input_size"]
     print(f"\n{res['variant']} {h}x{w}, batch {res['batch_size']}, mask ratio {res['mask_ratio']} "
           f"({res['device']}, {torch.get_num_threads()} threads, {res['rounds']} timed rounds)")
-    print(f"{'candidate':<11}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'images/s':>10}{'peak MiB':>10}")
+    print(f"{'candidate':<21}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'images/s':>10}{'peak MiB':>10}")
     for name, r in res["candidates"].items():
         if "median_s" not in r:
-            print(f"{name:<11}  unavailable: {r['error']}")
+            print(f"{name:<21}  unavailable: {r['error']}")
             continue
         mem = r.get("peak_memory_bytes")
         mem = f"{mem / 2 ** 20:10.0f}" if mem is not None else f"{'n/a':>10}"
-        print(f"{name:<11}{r['median_s'] * 1e3:11.0f}{r['min_s'] * 1e3:9.0f}{r['max_s'] * 1e3:9.0f}"
+        print(f"{name:<21}{r['median_s'] * 1e3:11.0f}{r['min_s'] * 1e3:9.0f}{r['max_s'] * 1e3:9.0f}"
               f"{r['images_per_s']:10.1f}{mem}" + (f"  (memory: {r['error']})" if "error" in r else ""))
-    print(f"{'ratio':<36}{'measured':>9}  target")
+    print(f"{'ratio':<38}{'median':>8}{'min':>8}  target")
     for key, value in res["ratios"].items():
-        if value is not None:  # None: a candidate of the ratio was not run (or failed)
-            verdict = "met" if res["targets"][key]["met"] else "MISSED"
-            print(f"{key:<36}{value:9.3f}  {res['targets'][key]['target']:<26}{verdict}")
+        low = res["ratios_min"][key]
+        if value is None or low is None:  # a candidate of the ratio failed
+            continue
+        t = res["targets"][key]
+        verdict = "met" if t["met_median"] and t["met_min"] else ("met at the minimum" if t["met_min"] else "MISSED")
+        print(f"{key:<38}{value:8.3f}{low:8.3f}  {t['target']:<26}{verdict}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,7 +363,7 @@ def scaling_table(results) -> str:
              "| sparse peak (MiB) | dense peak (MiB) | sparse / dense memory |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
-        s, d = res["candidates"]["sparse"], res["candidates"]["dense"]
+        s, d = res["candidates"]["sparse/none"], res["candidates"]["dense/none"]
 
         def mb(r):
             return f"{r['peak_memory_bytes'] / 2 ** 20:.0f}" if r.get("peak_memory_bytes") is not None else "n/a"
@@ -365,31 +393,56 @@ def split_list(values, convert):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", help="e.g. atto tiny (or atto,tiny); default atto")
-    p.add_argument("--input-sizes", nargs="+", help="224 or HxW, e.g. 192x256; default 224")
-    p.add_argument("--batch-sizes", nargs="+", help="default 32 (8 with --scaling)")
-    p.add_argument("--mask-ratios", nargs="+", help="default 0.6")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up (default 5; 2 with --scaling)")
-    p.add_argument("--json", metavar="PATH", help="write every figure and ratio to PATH")
-    p.add_argument("--scaling", action="store_true",
-                   help="sparse vs dense step time and memory vs variant (atto/tiny/base), input (128/224/384) and "
-                        "mask ratio (0.4/0.6/0.75), one axis at a time; prints a markdown table")
+    from fcmae.options import ArgParser, Device, Int, Str, add
+
+    p = ArgParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    add(p, "--variants", kind=Str(), nargs="+", help="e.g. atto tiny (or atto,tiny); default atto")
+    add(p, "--input-sizes", kind=Str(), nargs="+", help="224 or HxW, e.g. 192x256; default 224")
+    add(p, "--batch-sizes", kind=Str(), nargs="+", help="default 32 (8 with --scaling)")
+    add(p, "--mask-ratios", kind=Str(), nargs="+", help="default 0.6")
+    add(p, "--in-chans", kind=Int(min=1, max=64), default=3, help="input channels of the synthetic batch")
+    add(p, "--amp", kind=Str(["none", "bf16", "fp16"]), nargs="+", default=["none"],
+        help="precisions to run every candidate in (fp16 only on CUDA), e.g. --amp none bf16")
+    add(p, "--compile", action="store_true", help="also time the compiled sparse step (sparse+compile)")
+    add(p, "--threads", kind=Int(min=1), default=None, help="torch CPU threads (default: torch's default)")
+    add(p, "--device", kind=Device(), default="cpu", help="cpu, cuda or cuda:N")
+    add(p, "--rounds", kind=Int(min=1), default=None, help="timed rounds after the warm-up (default 8; 2 with --scaling)")
+    add(p, "--json", kind=Str(), metavar="PATH", default=None, help="write every figure and ratio to PATH")
+    add(p, "--scaling", action="store_true",
+        help="sparse vs dense step time and memory vs variant (atto/tiny/base), input (128/224/384) and "
+             "mask ratio (0.4/0.6/0.75), one axis at a time; prints a markdown table")
+    add(p, "--data", kind=Str(), default=None,
+        help="benchmark the input pipeline on this folder or these shards instead (python -m tools.bench_loader)")
     return p
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet()
-    device = torch.device(args.device)
-    ctx = start_process_context() if device.type == "cpu" else None
+    from fcmae.cli import exit_with
+
+    if argv is None:  # the command line: one `error:` line and exit code 2 for bad input
+        exit_with(run_benchmark, argv)
+    return run_benchmark(argv)
+
+
+def run_benchmark(argv=None):
+    from fcmae.cli import check_output_file
+    from fcmae.errors import UsageError
+    from fcmae.options import parse_with_config
     from models.masking import mask_grid, num_visible
     from models.variants import get_variant
 
+    args = parse_with_config(build_parser(), argv)
+    if args.data:
+        from tools import bench_loader
+
+        return bench_loader.run(["--data", args.data] + (["--json", args.json] if args.json else []))
+    quiet()
+    device = torch.device(args.device)
+    if args.json:
+        check_output_file(args.json, "--json")  # now, not after minutes of measurements
+    if "fp16" in args.amp and device.type != "cuda":
+        raise UsageError("--amp fp16 needs --device cuda (CPU autocast runs bf16)")
     defaults = SCALING if args.scaling else DEFAULTS
     rounds = args.rounds if args.rounds is not None else defaults["rounds"]
     try:  # fail now on bad input, not after minutes of measurements
@@ -403,10 +456,11 @@ def main(argv=None):
             rows, cols = mask_grid(h, w)
             for r in ratios:
                 num_visible(rows * cols, r)
-        if rounds < 1 or min(batches) < 1:
-            raise ValueError("--rounds and --batch-sizes must be >= 1")
+        if min(batches) < 1:
+            raise ValueError("--batch-sizes must be >= 1")
     except ValueError as e:
-        parser.error(str(e))
+        raise UsageError(str(e)) from None
+    ctx = start_process_context() if device.type == "cpu" else None
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -420,20 +474,25 @@ def run(args, variants, sizes, batches, ratios, rounds, device, ctx):
     import timm
 
     if args.scaling:
-        names = ["sparse", "dense"]
+        base = ["sparse", "dense"]
         configs = [c for b in batches for c in scaling_configs(variants, sizes, ratios, b)]
     else:
-        names = [n for n in CANDIDATES if n != "minkowski" or minkowski_available()]
+        base = [n for n in CANDIDATES if (n != "minkowski" or minkowski_available())
+                and (n != "sparse+compile" or args.compile)]
         configs = [{"variant": v, "input_size": s, "batch_size": b, "mask_ratio": r}
                    for v in variants for s in sizes for b in batches for r in ratios]
+    # the MinkowskiEngine encoder runs in float32 whatever the autocast: only its float32 step is timed
+    names = [f"{n}/{amp}" for amp in args.amp for n in base if amp == "none" or n != "minkowski"]
     results = []
     for cfg in configs:
+        cfg["in_chans"] = args.in_chans
         res = run_config(cfg, names, rounds, device, args.threads, ctx)
         print_config(res)
         sys.stdout.flush()
         results.append(res)
     report = {"torch": torch.__version__, "timm": timm.__version__, "device": str(device),
-              "threads": torch.get_num_threads(), "candidates": names, "results": results}
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "amp": list(args.amp), "candidates": names, "results": results}
     if args.scaling:
         report["scaling_table"] = scaling_table(results)
         print("\n" + report["scaling_table"])

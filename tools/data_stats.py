@@ -25,7 +25,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 
 from fcmae.cli import check_writable_dir, run_cli
-from fcmae.config import ArgParser, add, add_bad_image_options, check_bad_image_options
+from fcmae.options import ArgParser, Float, Int, Str, add, parse_with_config
 from fcmae.data import EIGHT_BIT, AsTensor
 from fcmae.errors import UsageError
 from fcmae.images import ImageFiles, describe, kind_of
@@ -121,18 +121,20 @@ def to_yaml(stats: dict) -> str:
 def build_parser() -> ArgParser:
     p = ArgParser(prog="python -m tools.data_stats", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="folder of images (class subfolders or not), read as training reads it")
-    add(p, "--in-chans", type=int, required=True, help="channels per image (files with others are bad)")
-    add(p, "--out", default=None, help="also write the YAML here")
-    add(p, "--max-images", type=int, default=None, help="a seeded random sample of N files (default: all)")
-    add(p, "--seed", type=int, default=0, help="picks the --max-images sample")
-    add(p, "--num-workers", type=int, default=2, help="decoding processes (0: the main process)")
-    add_bad_image_options(p)
+    add(p, "--in-chans", kind=Int(min=1, max=64), required=True, help="channels per image (files with others are bad)")
+    add(p, "--out", kind=Str(optional=True), default=None, help="also write the YAML here")
+    add(p, "--max-images", kind=Int(min=1), default=None, help="a seeded random sample of N files (default: all)")
+    add(p, "--seed", kind=Int(min=0), default=0, help="picks the --max-images sample")
+    add(p, "--num-workers", kind=Int(min=0), default=2, help="decoding processes (0: the main process)")
+    add(p, "--bad-image", kind=Str(["skip", "error"]), default="skip",
+        help="an unreadable file: 'skip' it (counted) or 'error' (stop at the first)")
+    add(p, "--max-bad-fraction", kind=Float(min=0, max=1), default=0.01, metavar="F",
+        help="stop once more than this fraction of the files turned out unreadable")
     return p
 
 
 def run(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    check_bad_image_options(args)
+    args = parse_with_config(build_parser(), argv)
     for name in ("in_chans", "max_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -99,7 +99,8 @@ def load_images(num: int, input_size: int, in_chans: int = 3, data_path: Optiona
                 seed: int = 0) -> torch.Tensor:
     """(num, in_chans, S, S) normalised images (fine-tuning's eval transform and default normalisation): a
     class-stratified draw of Fashion-MNIST test images, or a seeded draw of a folder's images."""
-    from fcmae.data import FashionMNIST, image_folder
+    from fcmae.data import FashionMNIST
+    from fcmae.images import image_folder
     from finetune.data import eval_transform, stratified_subset, targets_of
 
     tf = eval_transform((input_size, input_size), in_chans)

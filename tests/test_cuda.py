@@ -1,0 +1,92 @@
+"""The CUDA paths, run by tools/gpu_check.sh on a GPU (and on the CPU at toy sizes with --cuda-dry-run, so they do
+not rot): backend agreement on the device in float32 and under bf16 autocast, fp16 with the gradient scaler, and
+no host synchronisation inside a sparse pretraining step."""
+import pytest
+import torch
+
+from fcmae.engine import train_step
+from fcmae.optim import adamw
+from models import create_fcmae, random_mask
+from tests.conftest import randomize_grn
+
+pytestmark = pytest.mark.cuda
+
+
+def models_on(device, backends=("sparse", "dense"), size=64):
+    torch.manual_seed(0)
+    base = randomize_grn(create_fcmae("convnextv2_atto", backend="sparse"))
+    out = {}
+    for name in backends:
+        m = create_fcmae("convnextv2_atto", backend=name)
+        m.load_state_dict(base.state_dict())
+        out[name] = m.to(device)
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randn(3, 3, size, size, generator=g).to(device)
+    mask = random_mask(3, (size // 32) ** 2, 0.6, generator=g).to(device)
+    return out, imgs, mask
+
+
+def loss_and_grads(model, imgs, mask, amp=None):
+    model.zero_grad()
+    with torch.autocast(imgs.device.type, dtype=amp, enabled=amp is not None):
+        loss = model(imgs, mask)[0]
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_sparse_matches_dense_on_the_device_float32(gpu):
+    models, imgs, mask = models_on(gpu)
+    (ls, gs), (ld, gd) = (loss_and_grads(models[n], imgs, mask) for n in ("sparse", "dense"))
+    assert rel(ls, ld) < 1e-4
+    assert set(gs) == set(gd)
+    worst = max(rel(gs[k], gd[k]) for k in gd)
+    assert worst < 1e-3, worst
+
+
+def test_sparse_matches_dense_under_bf16_autocast(gpu):
+    models, imgs, mask = models_on(gpu)
+    (ls, gs), (ld, gd) = (loss_and_grads(models[n], imgs, mask, torch.bfloat16) for n in ("sparse", "dense"))
+    ref, _ = loss_and_grads(models["dense"], imgs, mask)
+    assert torch.isfinite(ls) and torch.isfinite(ld)
+    assert rel(ls, ld) < 2e-2 and rel(ls, ref) < 2e-2  # bf16 keeps ~3 significant digits
+    assert all(torch.isfinite(g).all() for g in gs.values())
+
+
+def test_fp16_step_with_the_scaler(gpu):
+    if gpu.type != "cuda":
+        pytest.skip("fp16 autocast with a gradient scaler is a CUDA path")
+    models, imgs, mask = models_on(gpu, ("sparse",))
+    model = models["sparse"]
+    optimizer = adamw(model.parameters(), 1e-4, (0.9, 0.95), gpu.type)
+    scaler = torch.amp.GradScaler("cuda")
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        loss, grad_norm, finite = train_step(model, [(imgs, mask)], optimizer, scaler, gpu, "fp16")
+    assert bool(finite) and torch.isfinite(loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_sparse_training_step_never_syncs(gpu, amp):
+    """torch.cuda.set_sync_debug_mode("error") raises at any host synchronisation (an .item(), a bool of a
+    device tensor, nonzero, a device-to-host copy): a whole step (forward, backward, clipping, fused AdamW with
+    the device-side non-finite skip) must pass. The first step runs outside the check (lazy initialisation)."""
+    models, imgs, mask = models_on(gpu, ("sparse",))
+    model = models["sparse"]
+    optimizer = adamw(model.parameters(), 1e-4, (0.9, 0.95), gpu.type)
+    scaler = torch.amp.GradScaler(gpu.type, enabled=False)
+    micro = [(imgs, mask)]
+    train_step(model, micro, optimizer, scaler, gpu, amp, clip_grad=1.0)
+    if gpu.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, grad_norm, finite = train_step(model, micro, optimizer, scaler, gpu, amp, clip_grad=1.0)
+    finally:
+        if gpu.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert bool(finite) and torch.isfinite(loss)
