@@ -177,6 +177,7 @@ class Loop:
         self.nonfinite_skipped = 0
         self._pending = []  # (step, epoch, loss, finite, grad_norm, lr) of steps not yet read on the host
         self._last_grad = float("nan")
+        self.stopping = False
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -190,11 +191,7 @@ class Loop:
     def save(self, path: Optional[str] = None):
         """A checkpoint of the current step (rank 0), after checking that every weight is finite."""
         self._flush()
-        if not finite_weights(self.stage.model):
-            previous = ckpt.list_checkpoints(self.cfg.output_dir)
-            raise RunStopped(f"the weights became non-finite by step {self.step} although the loss and gradients "
-                             f"were finite (an lr too high?); nothing was saved, the last checkpoint "
-                             f"{previous[0] if previous else '(none)'} is intact; lower --lr or --blr", EXIT_NONFINITE)
+        self.check_weights()
         if not self.dist.is_main:
             return
         state = self.checkpoint_state()
@@ -204,9 +201,20 @@ class Loop:
             path = ckpt.save_training_state(self.cfg.output_dir, self.step, state, self.cfg.keep_checkpoints)
         log.info("saved %s", path)
 
+    def check_weights(self):
+        if not finite_weights(self.stage.model):
+            raise RunStopped(f"the weights became non-finite by step {self.step} although the loss and gradients "
+                             f"were finite (an lr too high?); nothing was saved, "
+                             f"{ckpt.intact_message(self.cfg.output_dir)}; lower --lr or --blr", EXIT_NONFINITE)
+
     def resume(self, state: dict, path: str):
         self.stage.model.load_state_dict(state["model"])  # strict: every tensor must match
+        # the moments and step counts come from the checkpoint, the hyperparameters (weight decay, betas, ...) are
+        # this run's: a changed setting is announced, so it must also be applied
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, fresh):
+            group.update(settings)
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.history = state["step"], LossHistory(state.get("history"))
@@ -293,7 +301,7 @@ class Loop:
         if self.dist.is_main:
             ckpt.write_text_or_stop(os.path.join(cfg.output_dir, "metrics.json"), json.dumps(metrics, indent=1))
         if not complete:
-            raise RunStopped(f"received {stop.signal}: checkpoint saved at step {self.step} of {total}; run the same "
+            raise RunStopped(f"received {stop.signal or 'a stop signal (on another rank)'}: checkpoint saved at step {self.step} of {total}; run the same "
                              "command again to resume", EXIT_STOPPED)
         log.info("done: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
         return metrics
@@ -317,14 +325,28 @@ class Loop:
                 self._pending.append((self.step, epoch, all_reduce_mean(loss), finite, grad_norm, lr))
                 if self.step % cfg.log_every == 0:
                     self._flush()
-                if stop.signal or self.step == total or (cfg.save_every_steps and self.step % cfg.save_every_steps == 0):
+                if self._stop_agreed(stop) or self.step == total or \
+                        (cfg.save_every_steps and self.step % cfg.save_every_steps == 0):
                     break
             self._flush()
+            self.check_weights()  # before pictures, kNN and evaluation of NaN weights
             self.stage.at_boundary(self, epoch_end=self.step % cfg.steps_per_epoch == 0, last=self.step == total)
             self.save()
-            if stop.signal:
-                log.info("received %s: checkpoint saved at step %d", stop.signal, self.step)
+            if self.stopping:
+                log.info("received %s: checkpoint saved at step %d", stop.signal or "a stop signal on another rank",
+                         self.step)
                 break
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether to stop after this step. Under DDP every rank must stop at the same step (a rank that leaves
+        while the others enter the next all-reduce would hang them), so the ranks agree at each log interval."""
+        if not self.dist.enabled:
+            self.stopping = stop.signal is not None
+        elif self.step % self.cfg.log_every == 0:
+            flag = torch.tensor([1.0 if stop.signal else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.stopping = bool(flag.item())
+        return self.stopping
 
     def epoch_number(self) -> int:
         """Completed epochs."""
@@ -347,6 +369,7 @@ def find_start(output_dir: str, resume: str, overwrite: bool, format_tag: str, w
     existing = ckpt.list_checkpoints(output_dir) if os.path.isdir(output_dir) else []
     if resume == "auto":
         path, state = ckpt.latest_loadable(output_dir) if existing else (None, None)
+        existing = ckpt.list_checkpoints(output_dir) if existing else []  # unreadable ones were set aside
         if state is not None and overwrite:
             return None, None
     elif resume == "none":
@@ -374,8 +397,9 @@ def check_format(state, path: str, format_tag: str, what: str):
 
 
 def check_same_settings(saved: dict, now: dict, path: str, fixed, run_only):
-    """A resumed run must share the `fixed` settings (they shape the model); others that differ are named in a
-    warning (the run will not match an uninterrupted one); `run_only` settings may change freely."""
+    """A resumed run must share the `fixed` settings (they shape the model); others that differ are named in the
+    warning returned (logged once the run's log is open; the run will not match an uninterrupted one); `run_only`
+    settings may change freely."""
     wrong = [k for k in fixed if saved.get(k, now.get(k)) != now.get(k)]
     if wrong:
         raise UsageError(f"{path} was trained with " + ", ".join(f"--{k.replace('_', '-')} {_show(saved.get(k))}"
@@ -383,8 +407,9 @@ def check_same_settings(saved: dict, now: dict, path: str, fixed, run_only):
                          + "; pass the same values to resume it (or a new --output-dir)")
     changed = sorted(k for k in (set(saved) | set(now)) - set(run_only) - set(fixed) if saved.get(k) != now.get(k))
     if changed:
-        log.warning("resuming with changed settings (the run will not match an uninterrupted one): %s",
-                    ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
+        return ("resuming with changed settings (the run will not match an uninterrupted one): "
+                + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed))
+    return None
 
 
 def _show(v):
@@ -400,8 +425,10 @@ def clear_for_fresh_start(output_dir: str):
     shutil.rmtree(os.path.join(output_dir, "tensorboard"), ignore_errors=True)
 
 
-def prepare_output(output_dir: str, dist_info: DistInfo, overwrite_fresh: bool):
+def prepare_output(output_dir: str, dist_info: DistInfo, overwrite_fresh: bool, warning: Optional[str] = None):
     os.makedirs(output_dir, exist_ok=True)
     setup_logging(output_dir, dist_info.is_main)
+    if warning:
+        log.warning(warning)
     if overwrite_fresh and dist_info.is_main:
         clear_for_fresh_start(output_dir)

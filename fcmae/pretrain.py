@@ -172,11 +172,10 @@ def main(argv=None) -> dict:
     knn_sets = knn_data(args) if args.knn_every_epochs else None
     path, state = find_start(args.output_dir, args.resume, args.overwrite, FORMAT, "an FCMAE pretraining checkpoint "
                              "(to start from pretrained weights, fine-tune it: python -m finetune --finetune ...)")
-    if state is not None:
-        check_same_settings(state["args"], plain(args), path, FIXED, RUN_ONLY)
+    changed = check_same_settings(state["args"], plain(args), path, FIXED, RUN_ONLY) if state is not None else None
     dist_info = init_distributed(args.device)
     try:
-        return train(args, dist_info, data, steps_per_epoch, knn_sets, path, state)
+        return train(args, dist_info, data, steps_per_epoch, knn_sets, path, state, changed)
     finally:
         cleanup()
 
@@ -196,9 +195,9 @@ def build_model(args, device):
     return model
 
 
-def train(args, dist_info, data, steps_per_epoch, knn_sets, path, state) -> dict:
+def train(args, dist_info, data, steps_per_epoch, knn_sets, path, state, changed=None) -> dict:
     device = device_for(args.device, dist_info)
-    prepare_output(args.output_dir, dist_info, overwrite_fresh=args.overwrite and state is None)
+    prepare_output(args.output_dir, dist_info, overwrite_fresh=args.overwrite and state is None, warning=changed)
     torch.manual_seed(args.seed + dist_info.rank)
     model = build_model(args, device)
     net = model
@@ -209,15 +208,15 @@ def train(args, dist_info, data, steps_per_epoch, knn_sets, path, state) -> dict
         from models.fcmae import compile_for_training
 
         compile_for_training(model)  # in place: state-dict keys do not change
-    eff_batch, args.lr = effective_lr(args.batch_size, args.accum_iter, dist_info.world_size, args.blr, args.lr)
+    eff_batch, lr = effective_lr(args.batch_size, args.accum_iter, dist_info.world_size, args.blr, args.lr)
     log.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3e", eff_batch, args.batch_size,
-             args.accum_iter, dist_info.world_size, args.lr)
+             args.accum_iter, dist_info.world_size, lr)
     # no weight decay on 1-D tensors, biases and the mask token (the reference decayed GRN and the token by accident)
     from timm.optim import param_groups_weight_decay
 
     groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=["mask_token"])
     groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
-    optimizer = adamw(groups, args.lr, (0.9, 0.95), device.type)
+    optimizer = adamw(groups, lr, (0.9, 0.95), device.type)
     scheduler = cosine_schedule(optimizer, args.epochs, steps_per_epoch, args.warmup_epochs, args.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 

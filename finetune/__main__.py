@@ -197,29 +197,30 @@ def build_criterion(args):
 
 
 def starting_point(args):
-    """(resume path, resume state, pretrained timm state dict, classes of a head to keep): a checkpoint in
+    """(resume path, resume state, pretrained timm state dict, classes of a head to keep, warning about changed
+    settings): a checkpoint in
     --output-dir (or --resume) continues a run and wins over --finetune, which starts one."""
     path, state = find_start(args.output_dir, args.resume, args.overwrite, FORMAT,
                              "a fine-tuning checkpoint (start from it with --finetune instead)")
     if state is not None:
         resolve_model(args, state["model_name"], path)
-        check_same_settings(state["args"], plain(args) | {"nb_classes": state["args"].get("nb_classes")}, path,
-                            FIXED, RUN_ONLY)
-        return path, state, None, state["args"]["nb_classes"]
+        changed = check_same_settings(state["args"], plain(args) | {"nb_classes": state["args"].get("nb_classes")},
+                                      path, FIXED, RUN_ONLY)
+        return path, state, None, state["args"]["nb_classes"], changed
     if args.finetune:
         name, pretrained = read_pretrained(args.finetune, args.model)
         resolve_model(args, name, args.finetune)
         check_in_chans(in_chans_of(pretrained), args, args.finetune)
         keep = args.keep_head and "head.fc.weight" in pretrained
-        return None, None, pretrained, pretrained["head.fc.weight"].shape[0] if keep else None
+        return None, None, pretrained, pretrained["head.fc.weight"].shape[0] if keep else None, None
     resolve_model(args, None, "")
-    return None, None, None, None
+    return None, None, None, None, None
 
 
 def train(args, dist_info, start, data, steps_per_epoch) -> dict:
     device = device_for(args.device, dist_info)
-    path, state, pretrained, _ = start
-    prepare_output(args.output_dir, dist_info, overwrite_fresh=args.overwrite and state is None)
+    path, state, pretrained, _, changed = start
+    prepare_output(args.output_dir, dist_info, overwrite_fresh=args.overwrite and state is None, warning=changed)
     seed_all(args.seed)  # the same initial weights on every process (and so in the EMA copy each one makes)
     model = create_classifier(args.model, args.nb_classes, args.drop_path, args.in_chans)
     if pretrained is not None:
@@ -243,10 +244,10 @@ def train(args, dist_info, start, data, steps_per_epoch) -> dict:
             net, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
     if args.compile:
         net = torch.compile(net)
-    eff_batch, args.lr = effective_lr(args.batch_size, args.accum_iter, dist_info.world_size, args.blr, args.lr)
+    eff_batch, lr = effective_lr(args.batch_size, args.accum_iter, dist_info.world_size, args.blr, args.lr)
     log.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3e, layer decay %s %.2f", eff_batch,
-             args.batch_size, args.accum_iter, dist_info.world_size, args.lr, args.layer_decay_type, args.layer_decay)
-    optimizer = build_optimizer(model, get_variant(args.model).depths, args.lr, args.weight_decay, args.layer_decay,
+             args.batch_size, args.accum_iter, dist_info.world_size, lr, args.layer_decay_type, args.layer_decay)
+    optimizer = build_optimizer(model, get_variant(args.model).depths, lr, args.weight_decay, args.layer_decay,
                                 args.layer_decay_type, device.type)
     from fcmae.optim import cosine_schedule
 

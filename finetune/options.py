@@ -9,7 +9,7 @@ import os
 from fcmae.cli import check_writable_dir
 from fcmae.errors import UsageError
 from fcmae.options import (ArgParser, Bool, Float, Int, Str, add, add_data_loading_options, add_model_input_options,
-                           add_optimisation_options, add_run_options, input_size, parse_with_config)
+                           add_optimisation_options, add_run_options, check_all, input_size, parse_with_config)
 from finetune.layer_decay import LAYER_DECAY_TYPES
 from models import VARIANTS
 from models.variants import get_variant
@@ -58,7 +58,7 @@ def build_parser() -> ArgParser:
         help="train on a seeded, class-stratified fraction of the labelled images (e.g. 0.01, 0.1)")
     add(g, "--val-subset", kind=Int(min=1), default=None, help="evaluate on a seeded, class-stratified subset of N")
     add_data_loading_options(g)
-    add(g, "--aa", kind=Str(), default="rand-m9-mstd0.5-inc1",
+    add(g, "--aa", kind=Str(optional=True), default="rand-m9-mstd0.5-inc1",
         help="timm auto-augment policy (rand-..., augmix-..., original, v0, ...), or 'none' (RGB only)")
     add(g, "--color-jitter", kind=Float(min=0), default=None,
         help="colour jitter strength (RGB only; default none, as the reference recipe: timm would add 0.4)")
@@ -90,9 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Option values: parser defaults < -c config < probe defaults (with --linear-probe) < the command line."""
     parser = build_parser()
     args = parse_with_config(parser, argv)  # leaves the config's values on the parser as its defaults
-    if args.linear_probe:
+    if args.linear_probe:  # over the config's values (now the parser's defaults), under the command line's
         parser.set_defaults(**PROBE_DEFAULTS)
-        args = parse_with_config(parser, argv)
+        args = parser.parse_args(argv)
+        check_all(parser, args)
     return args
 
 

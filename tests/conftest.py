@@ -67,5 +67,6 @@ def pretrain_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("pretrain")
     pretrain(["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "8", "--max-steps", "2",
-              "--lr", "1e-3", "--warmup-epochs", "0", "--num-workers", "0", "--output-dir", str(out)])
+              "--lr", "1e-3", "--warmup-epochs", "0", "--num-workers", "0", "--knn-every-epochs", "0",
+              "--output-dir", str(out)])
     return out, str(out / "checkpoint-00000002.pth")

@@ -36,7 +36,9 @@ def run(args, procs, out, batch, steps):
     res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     state = ckpt.latest_loadable(str(out))[1]
-    return state.get("history") if "fcmae-pretrain" == state["format"] else state["losses"], res
+    curve = state["history"]["curve"]
+    assert [p[0] for p in curve] == list(range(1, steps + 1)) and all(p[2] == 1 for p in curve)
+    return [p[1] for p in curve], res
 
 
 def descendants(pid: int):

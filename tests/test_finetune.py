@@ -36,9 +36,10 @@ def finetuned(tmp_path_factory, pretrained):
 
 
 def test_pretrained_weights_loaded_exactly(tmp_path, pretrained):
-    """With lr 0 the first checkpoint holds the initial weights: every encoder tensor is the pretrained one,
-    the head is re-initialised (fc std 2e-5, bias 0; norm at its defaults)."""
-    run(FAST + ["--finetune", pretrained, "--train-subset", "32", "--max-steps", "1", "--lr", "0",
+    """The first step of a linear warm-up runs at lr 0 (--lr must be > 0), so the first checkpoint holds the
+    initial weights: every encoder tensor is the pretrained one, the head is re-initialised (fc std 2e-5, bias 0;
+    norm at its defaults)."""
+    run(FAST + ["--finetune", pretrained, "--train-subset", "32", "--max-steps", "1", "--warmup-epochs", "1",
                 "--no-model-ema", "--output-dir", str(tmp_path)])
     model = load(str(tmp_path / "checkpoint-00000001.pth"))["model"]
     encoder = {k[len("encoder."):]: v for k, v in load(pretrained)["model"].items() if k.startswith("encoder.")}
@@ -75,6 +76,10 @@ def test_outputs(finetuned):
     assert state["format"] == "fcmae-finetune" and state["model_name"] == "convnextv2_atto"
     assert state["step"] == 20 and state["epoch"] == 2 and state["model_ema"] is not None
     assert state["best_acc1"] == metrics["best_acc1"] == max(max(float(r["acc1"]), float(r["ema_acc1"])) for r in rows)
+    # the evaluation rows travel in the checkpoint (summary.csv is rewritten from them after a resume)
+    assert [(r["epoch"], r["step"], r["acc1"]) for r in state["rows"]] == \
+        [(int(r["epoch"]), int(r["step"]), float(r["acc1"])) for r in rows]
+    assert metrics["complete"] and metrics["steps"] == 20 and metrics["best_step"] in (10, 20)
     assert os.listdir(out / "tensorboard")
 
 
@@ -103,7 +108,7 @@ def test_resume_is_exact(tmp_path):
     run(args + ["--max-steps", "3", "--output-dir", str(tmp_path / "b")])
     run(args + ["--max-steps", "6", "--output-dir", str(tmp_path / "b")])
     a, b = (load(str(tmp_path / d / "checkpoint-00000006.pth")) for d in "ab")
-    assert a["losses"] == b["losses"]
+    assert a["history"] == b["history"] and [p[0] for p in a["history"]["curve"]] == list(range(1, 7))
     for part in ["model", "model_ema"]:
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
@@ -149,7 +154,7 @@ def test_configs():
     """Every variant has a config that parses and validates; atto, tiny and base are the reference recipes."""
     import glob
 
-    from fcmae.config import parse_with_config
+    from fcmae.options import parse_with_config
     from finetune.options import build_parser, validate
     from models import VARIANTS
 
@@ -174,7 +179,7 @@ def test_configs():
 
 def test_demo_config_is_the_readme_path(pretrained):
     """configs/finetune/fashion_mnist_demo.yaml starts from the checkpoint tools/pretrain.sh writes last."""
-    from fcmae.config import parse_with_config
+    from fcmae.options import parse_with_config
     from finetune.options import build_parser, validate
 
     root = os.path.join(os.path.dirname(__file__), "..")

@@ -12,6 +12,7 @@ import timm
 import torch
 from PIL import Image
 
+from fcmae import knn
 from fcmae.checkpoint import load
 from fcmae.monitor import collapse_stats, scalars
 from finetune.__main__ import run as finetune
@@ -164,21 +165,21 @@ def test_knn_scores_by_hand():
     train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [s, s], [-1.0, 0.0]])
     labels = torch.tensor([0, 1, 1, 2])
     query = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-    scores = knn_eval.knn_scores(train, labels, query, num_classes=3, k=3, temperature=0.5)
+    scores = knn.knn_scores(train, labels, query, num_classes=3, k=3, temperature=0.5)
     # query -e1: sims 1 (-e1), 0 (e2), -0.707 (diagonal)
     expected = torch.tensor([[math.exp(2), math.exp(2 * s) + 1, 0.0], [0.0, 1 + math.exp(-2 * s), math.exp(2)]])
     assert torch.allclose(scores, expected, rtol=1e-6)
-    assert knn_eval.topk_accuracy(scores, torch.tensor([0, 2]), ks=(1, 2)) == {"acc1": 100.0, "acc2": 100.0}
-    warm = knn_eval.knn_scores(train, labels, query[:1], num_classes=3, k=3, temperature=10.0)
+    assert knn.topk_accuracy(scores, torch.tensor([0, 2]), ks=(1, 2)) == {"acc1": 100.0, "acc2": 100.0}
+    warm = knn.knn_scores(train, labels, query[:1], num_classes=3, k=3, temperature=10.0)
     assert warm.argmax().item() == 1
-    assert knn_eval.topk_accuracy(warm, torch.tensor([0]), ks=(1, 2)) == {"acc1": 0.0, "acc2": 100.0}
+    assert knn.topk_accuracy(warm, torch.tensor([0]), ks=(1, 2)) == {"acc1": 0.0, "acc2": 100.0}
     # chunking changes nothing; k larger than the training set uses all of it
     g = torch.Generator().manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
     b = torch.nn.functional.normalize(torch.randn(23, 8, generator=g), dim=1)
     la = torch.randint(0, 4, (50,), generator=g)
-    assert torch.allclose(knn_eval.knn_scores(a, la, b, 4, k=7, chunk=5), knn_eval.knn_scores(a, la, b, 4, k=7))
-    every = knn_eval.knn_scores(a, la, b, 4, k=500, temperature=1.0)
+    assert torch.allclose(knn.knn_scores(a, la, b, 4, k=7, chunk=5), knn.knn_scores(a, la, b, 4, k=7))
+    every = knn.knn_scores(a, la, b, 4, k=500, temperature=1.0)
     assert torch.allclose(every.sum(dim=1), (b @ a.T).exp().sum(dim=1), rtol=1e-5)
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -15,8 +16,10 @@ from models import create_fcmae
 from models.masking import random_mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the kNN monitor off (it reads 3000 Fashion-MNIST images): test_knn_monitor turns it on at a small size
 SMALL = ["--input-size", "64", "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0",
-         "--log-every", "1", "--blr", "1e-3"]
+         "--log-every", "1", "--blr", "1e-3", "--knn-every-epochs", "0"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(tmp_path, *extra):
@@ -26,21 +29,40 @@ def run(tmp_path, *extra):
 
 def test_fashion_mnist_smoke_writes_everything(tmp_path):
     state = run(tmp_path, "--max-steps", "3")
-    assert state["format"] == "fcmae-pretrain" and state["step"] == 3 and len(state["history"]) == 3
+    assert state["format"] == "fcmae-pretrain" and state["step"] == 3
+    assert [p[0] for p in state["history"]["curve"]] == [1, 2, 3]
     assert set(state) >= {"model", "optimizer", "scaler", "epoch", "args", "rng", "model_name"}
     files = os.listdir(tmp_path)
     assert {"config.yaml", "metrics.json", "log.txt", "tensorboard"} <= set(files)
     metrics = json.load(open(tmp_path / "metrics.json"))
-    assert metrics["steps"] == 3 and np.isfinite(metrics["last_loss"])
+    assert metrics["complete"] and metrics["steps"] == metrics["total_steps"] == 3 and np.isfinite(metrics["last_loss"])
+    assert metrics["last_loss"] == state["history"]["curve"][-1][1]
     events = os.listdir(tmp_path / "tensorboard")
     assert events and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 1000  # scalars + image
 
 
 def test_resume_is_exact(tmp_path):
-    full = run(tmp_path / "full", "--max-steps", "4")["history"]
+    full = run(tmp_path / "full", "--max-steps", "4")
     run(tmp_path / "cut", "--max-steps", "2")
-    resumed = run(tmp_path / "cut", "--max-steps", "4")["history"]
-    assert resumed == full  # bit for bit
+    resumed = run(tmp_path / "cut", "--max-steps", "4")
+    assert resumed["history"] == full["history"]  # bit for bit
+    for key, value in full["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+
+
+def test_knn_monitor(tmp_path):
+    """A small labelled bank and query set: kNN top-1/top-5 in metrics.json, the checkpoint and TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    state = run(tmp_path, "--max-steps", "2", "--knn-every-epochs", "1", "--knn-bank", "60", "--knn-queries", "30",
+                "--knn-k", "5")
+    (result,) = state["knn"]
+    assert result["step"] == 2 and result["bank_images"] == 60 and result["query_images"] == 30
+    assert 0 <= result["acc1"] <= result["acc5"] <= 100
+    assert json.load(open(tmp_path / "metrics.json"))["knn"] == state["knn"]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("knn/top1")] == [2]
 
 
 def test_image_folder_without_classes(tmp_path):
@@ -62,8 +84,9 @@ def test_accumulation_equals_one_big_batch():
         torch.manual_seed(1)
         model = create_fcmae("convnextv2_atto").double()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        loss, _ = train_step(model, micro, opt, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
-                             "none")
+        loss, grad_norm, finite = train_step(model, micro, opt, torch.amp.GradScaler("cpu", enabled=False),
+                                             torch.device("cpu"), "none")
+        assert loss.dim() == grad_norm.dim() == finite.dim() == 0 and bool(finite) and float(grad_norm) > 0
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(params[0], params[1], rtol=1e-5, atol=1e-10)
 

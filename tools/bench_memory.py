@@ -99,13 +99,39 @@ def largest_batch(args, checkpointing: bool, budget: int, measure=measure) -> di
     if res["peak_bytes"] is None or res["peak_bytes"] > budget:
         raise SystemExit(f"error: not even batch 1 fits in {budget / GIB:.1f} GiB "
                          f"(checkpointing {'on' if checkpointing else 'off'})")
-    return {"checkpointing": checkpointing, "fixed_bytes": fixed, "per_image_bytes": per_image, "best": res,
+    best = narrow(args, checkpointing, budget, measure, res, tried)
+    return {"checkpointing": checkpointing, "fixed_bytes": fixed, "per_image_bytes": per_image, "best": best,
             "measurements": tried}
 
 
 def fail(message: str):
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def narrow(args, checkpointing: bool, budget: int, measure, best: dict, tried: list) -> dict:
+    """The first batch that fits may lie well below the largest one (memory grows faster than linearly at scale,
+    so the line through an over-budget point over-estimates the per-image cost): narrow the gap to the smallest
+    failing batch above it to within 2%, by the secant between the two (bisection when the failure was a kill)."""
+    def fits(m):
+        return m["peak_bytes"] is not None and m["peak_bytes"] <= budget
+
+    while True:
+        above = [m for m in tried if not fits(m) and m["batch"] > best["batch"]]
+        if not above:
+            return best
+        hi = min(above, key=lambda m: m["batch"])
+        if hi["batch"] - best["batch"] <= max(1, best["batch"] // 50):
+            return best
+        guess = (best["batch"] + hi["batch"]) // 2
+        if hi["peak_bytes"] is not None:
+            slope = (hi["peak_bytes"] - best["peak_bytes"]) / (hi["batch"] - best["batch"])
+            guess = best["batch"] + int((budget - best["peak_bytes"]) // slope)
+            guess = min(max(guess, best["batch"] + 1), hi["batch"] - 1)
+        res = measure(args, guess, checkpointing)
+        tried.append(res)
+        if fits(res):
+            best = res
 
 
 def main(argv=None):
@@ -149,6 +175,7 @@ def main(argv=None):
               f"({best['batch'] / best['step_seconds']:.2f} img/s); {r['fixed_bytes'] / GIB:.2f} GiB fixed + "
               f"{r['per_image_bytes'] / 2 ** 20:.0f} MiB per image")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "input_size": args.input_size, "budget_bytes": budget,
                        "results": results}, f, indent=1)

@@ -27,6 +27,7 @@ import argparse
 import gc
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -115,7 +116,15 @@ def build(candidate: str, cfg: dict, device: torch.device):
         groups = param_groups_weight_decay(model, 0.05, no_weight_decay_list=["mask_token"])
         optimizer = adamw(groups, 1.5e-4 * batch / 256, (0.9, 0.95), device.type)
         micro = [(imgs, mask.to(device))]
-        return lambda: train_step(model, micro, optimizer, scaler, device, amp)
+        threads = torch.get_num_threads()
+
+        def sparse_step():
+            try:
+                return train_step(model, micro, optimizer, scaler, device, amp)
+            finally:  # MinkowskiEngine's CPU kernels reset torch's thread count: keep --threads for everyone
+                torch.set_num_threads(threads)
+
+        return sparse_step
     labels = torch.randint(0, 1000, (batch,)).to(device)
     if name == "timm":
         model = timm.create_model(model_name, num_classes=1000, in_chans=c).to(device)
@@ -302,11 +311,11 @@ def run_config(cfg: dict, names, rounds: int, device, threads, ctx) -> dict:
     results = {}
     for name in names:
         if name in errors:
-            results[name] = {"error": errors[name]}
+            results[name] = {"amp": name.split("/")[1], "error": errors[name]}
             continue
         t = times[name]
         med = statistics.median(t)
-        results[name] = {"times_s": t, "median_s": med, "min_s": min(t), "max_s": max(t),
+        results[name] = {"amp": name.split("/")[1], "times_s": t, "median_s": med, "min_s": min(t), "max_s": max(t),
                          "images_per_s": cfg["batch_size"] / med, **memory.get(name, {})}
     ratios, ratios_min, targets = {}, {}, {}
     for key, (num, den, what, test, text) in RATIOS.items():
@@ -388,8 +397,14 @@ def parse_size(text: str):
     return int(h), int(w or h)
 
 
-def split_list(values, convert):
-    return [convert(v) for item in values for v in item.split(",") if v]
+def split_list(values, convert, option: str, what: str):
+    out = []
+    for v in (v for item in values for v in item.split(",") if v):
+        try:
+            out.append(convert(v))
+        except ValueError:
+            raise ValueError(f"{option}: {v!r} is not {what}") from None
+    return out
 
 
 def build_parser():
@@ -446,10 +461,13 @@ def run_benchmark(argv=None):
     defaults = SCALING if args.scaling else DEFAULTS
     rounds = args.rounds if args.rounds is not None else defaults["rounds"]
     try:  # fail now on bad input, not after minutes of measurements
-        variants = split_list(args.variants, str) if args.variants else defaults["variants"]
-        sizes = split_list(args.input_sizes, parse_size) if args.input_sizes else defaults["input_sizes"]
-        batches = split_list(args.batch_sizes, int) if args.batch_sizes else defaults["batch_sizes"]
-        ratios = split_list(args.mask_ratios, float) if args.mask_ratios else defaults["mask_ratios"]
+        variants = split_list(args.variants, str, "--variants", "a name") if args.variants else defaults["variants"]
+        sizes = split_list(args.input_sizes, parse_size, "--input-sizes", "a size: 224 or HxW") \
+            if args.input_sizes else defaults["input_sizes"]
+        batches = split_list(args.batch_sizes, int, "--batch-sizes", "an integer") \
+            if args.batch_sizes else defaults["batch_sizes"]
+        ratios = split_list(args.mask_ratios, float, "--mask-ratios", "a number") \
+            if args.mask_ratios else defaults["mask_ratios"]
         for v in variants:
             get_variant(v)
         for h, w in sizes:
@@ -497,6 +515,7 @@ def run(args, variants, sizes, batches, ratios, rounds, device, ctx):
         report["scaling_table"] = scaling_table(results)
         print("\n" + report["scaling_table"])
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return report

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from fcmae.checkpoint_file import HF_WEIGHTS
 from fcmae.cli import check_writable_dir
 from fcmae.errors import UsageError
+from fcmae.options import ArgParser, Int, Str, add, parse_with_config
 from models.convert import TARGETS, CheckpointError, adapt_in_chans, in_chans_of, read_checkpoint, save_converted, \
     to_canonical
 
@@ -40,18 +41,19 @@ c % 3's outputs (C = 1: their mean). The checkpoint's own C changes nothing; a c
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fcmae-convert", description=__doc__.split("\n\n")[0], epilog=TARGET_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgParser:
+    p = ArgParser(prog="fcmae-convert", description=__doc__.split("\n\n")[0], epilog=TARGET_HELP,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="checkpoint file (.pth/.pt/.safetensors) or Hugging Face directory")
     p.add_argument("output", help="output file (a directory for --to hf)")
-    p.add_argument("--to", required=True, choices=TARGETS, help="target layout")
-    p.add_argument("--model", default=None, help="variant, e.g. convnextv2_atto; checked against the weights")
-    p.add_argument("--ema", action="store_true", help="convert the model_ema weights of a fine-tune checkpoint")
-    p.add_argument("--in-chans", type=int, default=None, metavar="C",
-                   help="adapt an RGB checkpoint to C input channels (a no-op when it already has C)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing OUTPUT (for --to hf: its config.json and model.safetensors)")
+    add(p, "--to", kind=Str(list(TARGETS)), required=True, help="target layout: " + ", ".join(TARGETS))
+    add(p, "--model", kind=Str(optional=True), default=None,
+        help="variant, e.g. convnextv2_atto; checked against the weights")
+    add(p, "--ema", action="store_true", help="convert the model_ema weights of a fine-tune checkpoint")
+    add(p, "--in-chans", kind=Int(min=1, max=64), default=None, metavar="C",
+        help="adapt an RGB checkpoint to C input channels (a no-op when it already has C)")
+    add(p, "--overwrite", action="store_true",
+        help="replace an existing OUTPUT (for --to hf: its config.json and model.safetensors)")
     return p
 
 
@@ -89,10 +91,8 @@ def _check_writable(output: str, folder: str):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        if args.in_chans is not None and args.in_chans < 1:
-            raise UsageError(f"--in-chans must be >= 1, got {args.in_chans}")
+        args = parse_with_config(build_parser(), argv)
         # where the output goes is checked first: a long conversion should not end in "cannot write"
         check_output(args.output, args.to, args.overwrite)
         name, layout, state = to_canonical(read_checkpoint(args.input), args.model, args.ema)

@@ -55,6 +55,7 @@ def knn_eval(checkpoint, data_path: Optional[str] = None, input_size=(32, 32), k
 
 def build_parser() -> ArgParser:
     p = ArgParser(prog="python -m tools.knn_eval", description=__doc__.split("\n\n")[0])
+    add(p, "-c", "--config", default=None, help="YAML file of option defaults")
     p.add_argument("checkpoint",
                    help="any checkpoint the converter reads (pretraining, fine-tuning, timm, reference, HF)")
     add(p, "--model", kind=Str(optional=True), default=None,

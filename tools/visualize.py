@@ -116,6 +116,7 @@ def render(checkpoint, out: str, data_path: Optional[str] = None, num: int = 8,
 
 def build_parser() -> ArgParser:
     p = ArgParser(prog="python -m tools.visualize", description=__doc__.split("\n\n")[0])
+    add(p, "-c", "--config", default=None, help="YAML file of option defaults")
     p.add_argument("checkpoint", help="FCMAE pretraining checkpoint (ours or the reference MinkowskiEngine layout)")
     add(p, "--out", kind=Str(), required=True, help="PNG file to write")
     add(p, "--dataset", kind=Str(["fashion-mnist"]), default="fashion-mnist",
