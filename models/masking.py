@@ -1,4 +1,6 @@
 """Patch masks. Convention everywhere: mask is (N, L) with 1 = masked (removed), 0 = visible (kept)."""
+from typing import Optional
+
 import torch
 
 PATCH_SIZE = 32  # = the encoder's total stride: one mask cell per final-stage feature
@@ -36,12 +38,36 @@ def random_mask(batch: int, num_patches: int, mask_ratio: float, device=None, ge
     return mask
 
 
-def check_mask(mask: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
+def check_mask(mask: torch.Tensor, batch: int, num_patches: int, keep: Optional[int] = None) -> torch.Tensor:
+    """Validate a given mask (N, L): its shape on the host (static), its values (only 0 and 1) and, with `keep`,
+    its count (exactly `keep` visible cells in every image) without a host synchronisation on accelerators:
+    there the value checks run on the device (torch._assert_async; a bad mask fails the step with a device-side
+    assertion). On CPU, where reading values costs no synchronisation, they raise a ValueError at once."""
     if mask.shape != (batch, num_patches):
         raise ValueError(f"mask must have shape (N, L) = ({batch}, {num_patches}), got {tuple(mask.shape)}")
-    if not torch.all((mask == 0) | (mask == 1)):
-        raise ValueError("mask must hold only 0 (visible) and 1 (masked)")
+    binary_msg = "mask must hold only 0 (visible) and 1 (masked)"
+    count_msg = (f"mask must keep exactly {keep} visible cells (0) in every image, the rule of the model's mask "
+                 f"ratio (models.masking.random_mask); use FCMAE.predict / forward_loss for other masks")
+    binary = ((mask == 0) | (mask == 1)).all()
+    count = None if keep is None else ((mask == 0).sum(1) == keep).all()
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not binary:
+            raise ValueError(binary_msg)
+        if count is not None and not count:
+            raise ValueError(count_msg)
+    else:
+        torch._assert_async(binary, binary_msg)
+        if count is not None:
+            torch._assert_async(count, count_msg)
     return mask
+
+
+def split_cells(mask: torch.Tensor, keep: int):
+    """(visible, masked) cell indices, (N, keep) and (N, L - keep), each in increasing cell order (row-major),
+    for a mask with exactly `keep` visible cells per image. A stable sort of the mask puts the zeros first in
+    their original order: static shapes, no host synchronisation (unlike nonzero)."""
+    order = torch.sort(mask.to(torch.float32), dim=1, stable=True).indices
+    return order[:, :keep], order[:, keep:]
 
 
 def visible_map(mask: torch.Tensor, grid, scale: int) -> torch.Tensor:

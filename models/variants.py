@@ -11,11 +11,7 @@ from typing import Tuple
 class Variant:
     name: str
     depths: Tuple[int, int, int, int]
-    dims: Tuple[int, int, int, int]
-
-    @property
-    def timm_name(self) -> str:
-        return self.name
+    dims: Tuple[int, int, int, int]  # the variant's name is also timm's model name
 
 
 VARIANTS = {

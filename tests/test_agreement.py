@@ -66,6 +66,43 @@ def test_backend_matches_dense_oracle(atto64, backend, grn_stats, batch, size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_chans", [1, 4])
+def test_any_number_of_channels_matches_dense_oracle(backend, in_chans):
+    """Stem, decoder head (32*32*C values per patch) and the per-patch target over all C channels."""
+    torch.manual_seed(in_chans)
+    model = randomize_grn(create_fcmae("convnextv2_atto", backend="dense", decoder_dim=64, in_chans=in_chans)).double()
+    imgs = torch.randn(2, in_chans, 96, 128, dtype=torch.float64)
+    mask = random_mask(2, 12, 0.6)
+    loss_d, pred_d, grads_d = oracle(model, imgs, mask, ("in_chans", in_chans))
+    loss_b, pred_b, grads_b = run(model, backend, imgs, mask)
+    assert pred_b.shape == (2, 12 - 4, 32 * 32 * in_chans)
+    key = (backend, "float64")
+    assert rel(loss_b, loss_d, key) <= 1e-5
+    assert rel(pred_b, pred_d, key) <= 1e-5
+    assert model.state_dict()["encoder.stem.0.weight"].shape[1] == in_chans
+    for name, g in grads_d.items():
+        assert g.norm() > 0, f"{name} got no gradient"
+        assert rel(grads_b[name], g, key) <= 1e-5, name
+
+
+def test_masked_only_prediction_equals_full_map_loss(atto64):
+    """forward's loss (pred projection at the masked cells only) is the full-map loss of predict's maps, and its
+    rows are those maps' columns at the masked cells."""
+    torch.manual_seed(5)
+    imgs = torch.randn(3, 3, 96, 128, dtype=torch.float64)
+    mask = random_mask(3, 12, 0.6)
+    for backend in ["dense", "sparse"]:
+        atto64.encoder.set_backend(backend)
+        with torch.no_grad():
+            loss, pred, _ = atto64(imgs, mask)
+        full = atto64.predict(imgs, mask)
+        assert full.shape == (3, 3072, 3, 4)
+        assert loss.item() == pytest.approx(atto64.forward_loss(imgs, full, mask).item(), rel=1e-12, abs=0)
+        cols = full.flatten(2).transpose(1, 2)[mask.bool()].view(3, 8, 3072)  # masked cells in increasing order
+        assert torch.allclose(pred, cols, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_agreement(backend):
     torch.manual_seed(1)
     model = randomize_grn(create_fcmae("convnextv2_atto", backend="dense", decoder_dim=64))
@@ -130,6 +167,28 @@ def test_fully_visible_encoder_equals_timm_forward_features():
         for backend in ["dense", "sparse"]:
             model.encoder.set_backend(backend)
             assert torch.allclose(model.encoder(imgs, mask), ref, rtol=1e-9, atol=1e-10), backend
+
+
+@pytest.mark.parametrize("grn_stats", ["sample", "batch"])
+def test_encoder_takes_masks_with_any_count_per_image(atto64, grn_stats):
+    """The encoder's general path (no `keep`: an API caller's mask, a different count per image) still agrees with
+    the oracle, and with `keep` given for a uniform mask the static path gives the same as the general one."""
+    torch.manual_seed(6)
+    imgs = torch.randn(2, 3, 96, 64, dtype=torch.float64)
+    mask = torch.tensor([[0.0, 1, 1, 0, 1, 1], [1.0, 1, 0, 1, 1, 1]])  # 2 and 1 visible cells
+    atto64.encoder.grn_stats = grn_stats
+    outs = {}
+    for backend in ["dense", "sparse"]:
+        atto64.encoder.set_backend(backend)
+        x = imgs.clone().requires_grad_(True)
+        out = atto64.encoder(x, mask)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outs[backend] = (out.detach(), x.grad)
+    for a, b in zip(outs["sparse"], outs["dense"]):
+        assert rel(a, b) <= 1e-9
+    uniform = random_mask(2, 6, 0.6)
+    with torch.no_grad():
+        assert torch.equal(atto64.encoder(imgs, uniform, 2), atto64.encoder(imgs, uniform))
 
 
 def test_report_measured_agreement():

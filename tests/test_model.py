@@ -32,6 +32,8 @@ def test_decoder_layout():
     assert sd["decoder.0.mlp.grn.weight"].shape == (2048,)
     assert len(model.decoder) == 1
     assert len(create_fcmae("convnextv2_atto", decoder_depth=2, decoder_dim=64).decoder) == 2
+    sd4 = create_fcmae("convnextv2_atto", in_chans=4).state_dict()
+    assert sd4["pred.weight"].shape == (32 * 32 * 4, 512, 1, 1) and sd4["encoder.stem.0.weight"].shape == (40, 4, 4, 4)
 
 
 def test_random_mask_rules():
@@ -50,34 +52,60 @@ def test_random_mask_rules():
     assert mask_grid(192, 256) == (6, 8)
 
 
-def test_loss_matches_hand_computation():
-    """Per-patch normalised target (unbiased var, eps 1e-6), per-patch MSE, mean over masked patches only."""
+def hand_loss(imgs, cells):
+    """Per-patch normalised target over all C channels (unbiased var, eps 1e-6), per-patch MSE, mean over the
+    given (image, cell, prediction row) triples. imgs (N, C, H, W) numpy; cells on a grid W/32 wide."""
+    cols = imgs.shape[3] // 32
+    total = 0.0
+    for n, cell, row in cells:
+        r, c = divmod(cell, cols)
+        patch = imgs[n, :, r * 32:(r + 1) * 32, c * 32:(c + 1) * 32].transpose(1, 2, 0).reshape(-1)  # (p, q, c)
+        target = (patch - patch.mean()) / np.sqrt(patch.var(ddof=1) + 1e-6)
+        total += np.mean((row - target) ** 2)
+    return total / len(cells)
+
+
+@pytest.mark.parametrize("in_chans", [1, 3, 4])
+def test_loss_matches_hand_computation(in_chans):
+    """forward_loss of a full prediction map (any mask, here a different count per image)."""
     torch.manual_seed(0)
-    model = create_fcmae("convnextv2_atto").double()
-    imgs = torch.randn(2, 3, 64, 32, dtype=torch.float64)
+    model = create_fcmae("convnextv2_atto", decoder_dim=64, in_chans=in_chans).double()
+    imgs = torch.randn(2, in_chans, 64, 32, dtype=torch.float64)
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    pred = torch.randn(2, 3072, 2, 1, dtype=torch.float64)
-    x = imgs.numpy()
-    expected, count = 0.0, 0
-    for n in range(2):
-        for cell in range(2):
-            if mask[n, cell] == 0:
-                continue
-            patch = x[n, :, cell * 32:(cell + 1) * 32, :].transpose(1, 2, 0).reshape(-1)  # (p, q, c) order
-            target = (patch - patch.mean()) / np.sqrt(patch.var(ddof=1) + 1e-6)
-            expected += np.mean((pred[n, :, cell, 0].numpy() - target) ** 2)
-            count += 1
+    pred = torch.randn(2, 1024 * in_chans, 2, 1, dtype=torch.float64)
+    cells = [(n, cell, pred[n, :, cell, 0].numpy()) for n in range(2) for cell in range(2) if mask[n, cell] == 1]
     loss = model.forward_loss(imgs, pred, mask)
-    assert loss.item() == pytest.approx(expected / count, rel=1e-12)
+    assert loss.item() == pytest.approx(hand_loss(imgs.numpy(), cells), rel=1e-12)
+
+
+@pytest.mark.parametrize("in_chans", [1, 3, 4])
+def test_forward_loss_and_masked_rows_match_hand_computation(in_chans):
+    """forward returns the prediction at the masked cells only, (N, M, 32*32*C) in increasing cell order, and the
+    mean of their per-patch MSEs."""
+    torch.manual_seed(1)
+    model = create_fcmae("convnextv2_atto", decoder_dim=64, in_chans=in_chans).double()
+    imgs = torch.randn(2, in_chans, 64, 96, dtype=torch.float64)
+    mask = random_mask(2, 6, 0.6)  # keeps int(6 * 0.4) = 2, so M = 4
+    with torch.no_grad():
+        loss, pred, out_mask = model(imgs, mask)
+    assert pred.shape == (2, 4, 1024 * in_chans) and torch.equal(out_mask, mask)
+    cells = []
+    for n in range(2):
+        masked = [cell for cell in range(6) if mask[n, cell] == 1]
+        cells += [(n, cell, pred[n, j].numpy()) for j, cell in enumerate(masked)]
+    assert loss.item() == pytest.approx(hand_loss(imgs.numpy(), cells), rel=1e-12)
 
 
 @pytest.mark.parametrize("size,batch", [((64, 96), 1), ((96, 64), 2)])
 def test_forward_shapes_any_batch_and_nonsquare(size, batch):
     model = create_fcmae("convnextv2_atto")
     loss, pred, mask = model(torch.randn(batch, 3, *size))
-    assert pred.shape == (batch, 3072, size[0] // 32, size[1] // 32)
-    assert mask.shape == (batch, (size[0] // 32) * (size[1] // 32))
+    num_patches = (size[0] // 32) * (size[1] // 32)
+    assert pred.shape == (batch, num_patches - num_visible(num_patches, 0.6), 3072)
+    assert mask.shape == (batch, num_patches)
     assert torch.isfinite(loss)
+    full = model.predict(torch.randn(batch, 3, *size), mask)
+    assert full.shape == (batch, 3072, size[0] // 32, size[1] // 32)
 
 
 def test_bad_inputs_are_clear_errors():
@@ -92,6 +120,12 @@ def test_bad_inputs_are_clear_errors():
         model(torch.randn(2, 3, 64, 64), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="only 0"):
         model(torch.randn(1, 3, 64, 64), torch.full((1, 4), 0.5))
+    with pytest.raises(ValueError, match="exactly 1 visible cells"):  # int(4 * 0.4) = 1 per image
+        model(torch.randn(2, 3, 64, 64), torch.tensor([[0.0, 1, 1, 1], [0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match=r"\(N>=1, 1, H, W\) \(the model's in_chans\)"):
+        create_fcmae("convnextv2_atto", in_chans=1)(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="in_chans"):
+        create_fcmae("convnextv2_atto", in_chans=0)
     with pytest.raises(ValueError, match="unknown model 'convnextv2_giant'; valid models: convnextv2_atto"):
         create_fcmae("convnextv2_giant")
     with pytest.raises(ValueError, match="unknown backend"):
@@ -120,4 +154,4 @@ def test_huge_builds_and_runs_a_step():
     loss, pred, _ = model(torch.randn(1, 3, 64, 64))
     loss.backward()
     opt.step()
-    assert torch.isfinite(loss) and pred.shape == (1, 3072, 2, 2)
+    assert torch.isfinite(loss) and pred.shape == (1, 3, 3072)

@@ -1,4 +1,7 @@
-"""Sparse-execution backends: one interface, `backend(encoder, imgs, mask) -> (N, C4, rows, cols)`.
+"""Sparse-execution backends: one interface, `backend(encoder, imgs, mask, keep=None) -> (N, C4, rows, cols)`.
+
+`keep`, when given, promises exactly that many visible cells in every image (the FCMAE path); the sparse backend
+then builds its indices with static shapes and no host synchronisation (see sparse.visible_cells).
 
 All read the encoder's timm-named parameters, so weights never move or get renamed when the backend changes.
 """
@@ -12,7 +15,13 @@ def _minkowski():
     return MinkowskiBackend
 
 
-BACKENDS = {"sparse": lambda: SparseBackend, "dense": lambda: DenseBackend, "minkowski": _minkowski}
+def _naive():
+    from .naive import NaiveBackend  # the masking ablation: dense convs that leak through masked sites
+
+    return NaiveBackend
+
+
+BACKENDS = {"sparse": lambda: SparseBackend, "dense": lambda: DenseBackend, "minkowski": _minkowski, "naive": _naive}
 
 
 def make_backend(name: str):

@@ -14,7 +14,8 @@ from .params import layer_norm, linear, run_block
 class DenseBackend:
     name = "dense"
 
-    def __call__(self, encoder, imgs, mask):
+    def __call__(self, encoder, imgs, mask, keep=None):
+        """`keep` (the per-image visible count, when the caller knows it) is not needed: the map is dense."""
         grid = (imgs.shape[2] // 32, imgs.shape[3] // 32)
         conv, norm = encoder.stem[0], encoder.stem[1]
         x = F.conv2d(imgs, conv.weight, conv.bias, stride=conv.stride)

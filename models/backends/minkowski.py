@@ -14,18 +14,9 @@ import torch.nn.functional as F
 
 from ..grn import gathered_norms, grn_apply
 from ..masking import visible_map
+from ..me_layout import conv_kernel, depthwise_kernel
 from ..minkowski_compat import import_minkowski
 from .params import layer_norm, linear
-
-
-def depthwise_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """(C, 1, k, k) dense depthwise weight -> ME channelwise kernel (k * k, C), K[h + k * w, c] = W[c, 0, h, w]."""
-    return weight[:, 0].permute(2, 1, 0).reshape(-1, weight.shape[0])
-
-
-def conv_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """(Cout, Cin, k, k) dense weight -> ME kernel (k * k, Cin, Cout), K[h + k * w, i, o] = W[o, i, h, w]."""
-    return weight.permute(3, 2, 1, 0).reshape(-1, weight.shape[1], weight.shape[0])
 
 
 class ChannelwiseConv:
@@ -48,13 +39,14 @@ class ChannelwiseConv:
 class MinkowskiBackend:
     name = "minkowski"
 
-    def __call__(self, encoder, imgs, mask):
-        """imgs (N, 3, H, W), mask (N, H/32 * W/32) with 1 = masked -> (N, C4, H/32, W/32), zeros at masked cells."""
+    def __call__(self, encoder, imgs, mask, keep=None):
+        """imgs (N, C, H, W), mask (N, H/32 * W/32) with 1 = masked -> (N, C4, H/32, W/32), zeros at masked cells.
+        `keep` is not used: MinkowskiEngine builds its coordinate maps on the host (it synchronises anyway)."""
         ME = import_minkowski()
         if torch.is_autocast_enabled(imgs.device.type):
             # ME's kernels take float32/float64 only: under --amp the encoder runs in float32, the decoder in amp
             with torch.autocast(imgs.device.type, enabled=False):
-                return self(encoder, imgs.float(), mask)
+                return self(encoder, imgs.float(), mask, keep)
         n, _, height, width = imgs.shape
         grid = (height // 32, width // 32)
         # Stem dense on the full image (as the reference), then keep the visible sites. The mask decides which

@@ -8,11 +8,19 @@ it scatters into a zero map, convolves, and gathers the visible sites back (subm
 masked neighbours contribute zero, outputs exist only at visible sites); dwconv.site_depthwise_conv
 does that with maps reused across a stage's blocks. GRN and the depthwise conv have hand-written
 backward passes: autograd of the composed ops made them the two slowest parts of a CPU step.
+
+On the FCMAE path (`keep` given: every image keeps the same number of cells) all index tensors have static
+shapes and nothing reads a device value on the host, so a training step never synchronises with an accelerator,
+GRN's per-image statistics are always a reshape (`uniform`), and torch.compile traces the backend with
+fullgraph=True (the autograd Functions take tensors and ints; their zero-map cache is off while compiling).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from ..grn import GRN_EPS, gathered_norms, grn_apply
+from ..masking import split_cells
 from .dwconv import site_depthwise_conv
 from .params import downsample_as_linear, layer_norm, linear, run_block, stem_as_linear
 
@@ -29,58 +37,59 @@ def morton_offsets(k: int, device=None):
 
 
 class SiteIndex:
-    """Where one stage's gathered rows live in the dense (N * H * W) map, and which image each belongs to."""
+    """Where one stage's gathered rows live in the dense (N * H * W) map, and which image each belongs to.
 
-    def __init__(self, mask: torch.Tensor, grid, k: int):
-        n_img, cell = (mask == 0).nonzero(as_tuple=True)
+    Built from the visible cells (`sample`, `cell`: (V0,) image and row-major cell index of every visible mask
+    cell, in (image, row, col) order); each cell holds k x k sites in Morton order. Holds tensors and ints only,
+    no device values read on the host. `maps` caches the zero maps that every block of a stage reuses
+    (dwconv.site_depthwise_conv) in eager mode.
+    """
+
+    def __init__(self, sample: torch.Tensor, cell: torch.Tensor, batch: int, grid, k: int, uniform: bool):
         rows, cols = grid
-        self.batch = mask.shape[0]
+        self.batch = batch
         self.height, self.width = rows * k, cols * k
-        dy, dx = morton_offsets(k, mask.device)
+        dy, dx = morton_offsets(k, cell.device)
         y = (cell // cols)[:, None] * k + dy[None]
         x = (cell % cols)[:, None] * k + dx[None]
-        self.flat = ((n_img[:, None] * self.height + y) * self.width + x).reshape(-1)
+        self.flat = ((sample[:, None] * self.height + y) * self.width + x).reshape(-1)
         self.rows, self.cols = y.reshape(-1), x.reshape(-1)
-        self.sample = n_img.repeat_interleave(k * k)
-        counts = torch.bincount(n_img, minlength=self.batch)
-        # masks drawn by the reference rule keep the same count per image: per-image GRN stats are then a reshape
-        self.uniform = bool(counts.min() == counts.max())
-        self._maps = {}
+        self.sample = sample[:, None].expand(-1, k * k).reshape(-1)
+        # every image keeps the same number of sites: per-image GRN statistics are then a reshape
+        self.uniform = uniform
+        self.maps = {}
 
-    def zero_map(self, key, shape, like: torch.Tensor) -> torch.Tensor:
-        """A zero buffer shared by all blocks of the stage: writers only touch visible sites, so masked sites stay
-        zero and the map is allocated and zeroed once per stage instead of once per use."""
-        key = (key, like.dtype, like.device)
-        if key not in self._maps:
-            self._maps[key] = like.new_zeros(shape)
-        return self._maps[key]
+    @property
+    def shape(self):
+        """(N, H, W) of the stage's dense map."""
+        return self.batch, self.height, self.width
 
-    def scatter_into(self, key, x: torch.Tensor) -> torch.Tensor:
-        """Like `scatter`, into the stage's reused map `key` (not autograd-safe: for use inside autograd Functions)."""
-        dense = self.zero_map(key, (self.batch * self.height * self.width, x.shape[1]), x).index_copy_(0, self.flat, x)
-        return dense.view(self.batch, self.height, self.width, -1).permute(0, 3, 1, 2)
 
-    def scatter_planar(self, key, x: torch.Tensor) -> torch.Tensor:
-        """(V, C) -> (C, N * H * W) planes (channel-major), zeros at masked sites, in the reused map `key`."""
-        return self.zero_map(key, (x.shape[1], self.batch * self.height * self.width), x).index_copy_(1, self.flat, x.t())
+def visible_cells(mask: torch.Tensor, keep: Optional[int]):
+    """(sample, cell, uniform) of the visible cells of mask (N, L), in (image, row, col) order.
 
-    def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """(V, C) -> (N, C, H, W) channels-last view with zeros at masked sites."""
-        dense = x.new_zeros(self.batch * self.height * self.width, x.shape[1]).index_copy(0, self.flat, x)
-        return dense.view(self.batch, self.height, self.width, -1).permute(0, 3, 1, 2)
-
-    def gather(self, dense: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (V, C) at the visible sites."""
-        return dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1]).index_select(0, self.flat)
+    With `keep` (the FCMAE path: every image keeps exactly `keep` cells, models.masking.random_mask) the indices
+    come from a stable sort of the mask: static shapes, no host synchronisation, traceable by torch.compile.
+    Without it (any mask, e.g. an API caller's with a different count per image) they come from nonzero, which
+    reads the count on the host; a mask whose images keep different counts takes GRN's general gathered path."""
+    n = mask.shape[0]
+    if keep is not None:
+        cell = split_cells(mask, keep)[0].reshape(-1)
+        sample = torch.arange(n, device=mask.device)[:, None].expand(-1, keep).reshape(-1)
+        return sample, cell, True
+    sample, cell = (mask == 0).nonzero(as_tuple=True)
+    counts = torch.bincount(sample, minlength=n)
+    return sample, cell, bool(counts.min() == counts.max())
 
 
 class SparseBackend:
     name = "sparse"
 
-    def __call__(self, encoder, imgs, mask):
+    def __call__(self, encoder, imgs, mask, keep: Optional[int] = None):
         n, c_in, height, width = imgs.shape
         grid = (height // 32, width // 32)
-        index = SiteIndex(mask, grid, 8)
+        sample, cell, uniform = visible_cells(mask, keep)
+        index = SiteIndex(sample, cell, n, grid, 8, uniform)
         # Stem: 4x4 stride-4 patches of the visible cells only, as rows of (c, kh, kw) pixels, picked straight
         # from a view of the image (no copy of the whole image in patch order).
         patches = imgs.reshape(n, c_in, height // 4, 4, width // 4, 4)[index.sample, :, index.rows, :, index.cols]
@@ -89,7 +98,7 @@ class SparseBackend:
         x = layer_norm(x, encoder.stem[1])
         for i, stage in enumerate(encoder.stages):
             if i > 0:
-                index = SiteIndex(mask, grid, 8 >> i)
+                index = SiteIndex(sample, cell, n, grid, 8 >> i, uniform)
                 w, b = downsample_as_linear(stage.downsample[1])
                 x = layer_norm(x, stage.downsample[0])
                 x = F.linear(x.reshape(-1, 4 * x.shape[1]), w, b)
