@@ -11,13 +11,12 @@ Exact resume needs data order and augmentation to be functions of (seed, epoch, 
 import gzip
 import math
 import os
-import random
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision import transforms
 
 from .errors import DataError, UsageError

@@ -320,32 +320,17 @@ def describe(error: Exception, path: str) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # the dataset and its monitor
 
-class ImageFiles(Dataset):
-    """(decoded image, target) for each image file under `root`, `in_chans` channels each (see `decode`); bad files
-    skipped as the module describes.
-
-    `input_size` (the transform's output, int or (H, W)) lets big JPEGs decode at a reduced scale;
-    `bad_image` and `max_bad_fraction` set when bad files stop the run. `kind` is EIGHT_BIT or HIGH_BIT_DEPTH, that
-    of the first file (in listing order) that loads, `kind_file` (None when none of the first 100 does); files of
-    the other kind are bad."""
-
-    def __init__(self, root: str, transform=None, class_to_idx=None, input_size=None, bad_image: str = "skip",
-                 max_bad_fraction: float = 0.01, in_chans: int = 3):
-        if not os.path.isdir(root):
-            raise DataError(f"data folder not found: {root}")
-        self.samples, self.class_to_idx = find_images_and_targets(root, types=IMAGE_EXTENSIONS,
-                                                                  class_to_idx=class_to_idx or None)
-        if not self.samples:
-            raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        self.root, self.transform, self.in_chans = root, transform, in_chans
-        self.draft_side = 2 * int(max(np.atleast_1d(input_size))) if input_size is not None else None
-        self.bad_image, self.max_bad_fraction = bad_image, max_bad_fraction
-        self.monitored = False  # set by BadImageMonitor: someone polls the marks in the main process
-        self._count_bad()
-        self.probe_kind()
+class SkippingDataset(Dataset):
+    """What a dataset of files (or of tar members) needs to skip bad ones by the module's rules: the shared-memory
+    `bad` marks, the limit, the next-that-loads replacement, the kind check and the messages. A subclass sets
+    `in_chans`, `draft_side`, `bad_image`, `max_bad_fraction`, `root` and `where` (named in errors), calls
+    `_count_bad()` and `probe_kind()`, and supplies __len__, `load(i)`, `filename(i)`, `target(i)` and
+    `reason(error, i)`."""
 
     kind: Optional[str] = None  # EIGHT_BIT or HIGH_BIT_DEPTH once probed (probe_kind); None: not known
     kind_file: Optional[str] = None
+    monitored = False  # set by BadImageMonitor: someone polls the marks in the main process
+    transform = None
 
     def probe_kind(self, tries: int = 100):
         """Set `kind` and `kind_file` from the first of the first `tries` samples that loads. Called once, in the
@@ -359,33 +344,18 @@ class ImageFiles(Dataset):
 
     def _count_bad(self):
         # a run tolerates this many bad files; never all of them (there would be nothing to train on)
-        allowed = 0 if self.bad_image == "error" else math.floor(self.max_bad_fraction * len(self.samples) + 1e-9)
-        self.allowed = min(allowed, len(self.samples) - 1)
+        allowed = 0 if self.bad_image == "error" else math.floor(self.max_bad_fraction * len(self) + 1e-9)
+        self.allowed = min(allowed, len(self) - 1)
         # 1 = unreadable; in shared memory, so marks made in DataLoader workers reach the main process
-        self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
-
-    def keep_only(self, indices):
-        """Restrict the dataset to these files (in this order), its bad-file count and limit with it."""
-        self.samples = [self.samples[i] for i in indices]
-        self._count_bad()
-
-    def __len__(self):
-        return len(self.samples)
-
-    def filename(self, i: int) -> str:
-        return self.samples[i][0]
-
-    def load(self, i: int) -> Decoded:
-        """File i decoded (no transform); raises when it cannot be read."""
-        return load(self.samples[i][0], self.in_chans, self.draft_side)
+        self.bad = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
 
     def load_checked(self, i: int) -> Decoded:
-        """`load`, and a file of the other kind than the folder's (8-bit vs high-bit-depth) is unreadable too."""
+        """`load`, and a sample of the other kind than the first (8-bit vs high-bit-depth) is unreadable too."""
         img = self.load(i)
         if self.kind is not None and kind_of(img) != self.kind:
             source = os.path.relpath(self.kind_file, self.root)
             raise ValueError(f"{kind_of(img)} values, but the first image {source} is {self.kind} (8-bit values are "
-                             "scaled to 0..1, deeper ones kept in their units: one folder holds one kind)")
+                             "scaled to 0..1, deeper ones kept in their units: one data set holds one kind)")
         return img
 
     def stand_in(self) -> Decoded:
@@ -413,7 +383,7 @@ class ImageFiles(Dataset):
                 i = (i + 1) % len(self)
         if self.transform is not None:
             img = self.transform(img)
-        return img, self.samples[i][1]
+        return img, self.target(i)
 
     def bad_indices(self):
         return torch.nonzero(self.bad).flatten().tolist()
@@ -422,11 +392,11 @@ class ImageFiles(Dataset):
         return int(self.bad.sum()) > self.allowed
 
     def problem(self, i: int) -> str:
-        """Why file `i` does not load, found by reading it again (in the main process)."""
+        """Why sample `i` does not load, found by reading it again (in the main process)."""
         try:
             self.load_checked(i)
         except Exception as e:
-            return describe(e, self.filename(i))
+            return self.reason(e, i)
         return "failed in a loader process but reads now (a passing I/O error?)"
 
     def limit_error(self) -> DataError:
@@ -437,8 +407,53 @@ class ImageFiles(Dataset):
         named = [f"{os.path.relpath(self.filename(i), self.root)} ({self.problem(i)})" for i in bad[:3]]
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         why = "none can be read" if len(bad) == len(self) else f"over --max-bad-fraction {self.max_bad_fraction:g}"
-        return DataError(f"{len(bad)} of {len(self)} images in {self.root} are unreadable ({why}); first: "
+        return DataError(f"{len(bad)} of {len(self)} images in {self.where} are unreadable ({why}); first: "
                          f"{', '.join(named)}{more}; remove or fix them, or raise --max-bad-fraction")
+
+
+class ImageFiles(SkippingDataset):
+    """(decoded image, target) for each image file under `root`, `in_chans` channels each (see `decode`); bad files
+    skipped as the module describes.
+
+    `input_size` (the transform's output, int or (H, W)) lets big JPEGs decode at a reduced scale;
+    `bad_image` and `max_bad_fraction` set when bad files stop the run. `kind` is EIGHT_BIT or HIGH_BIT_DEPTH, that
+    of the first file (in listing order) that loads, `kind_file` (None when none of the first 100 does); files of
+    the other kind are bad."""
+
+    def __init__(self, root: str, transform=None, class_to_idx=None, input_size=None, bad_image: str = "skip",
+                 max_bad_fraction: float = 0.01, in_chans: int = 3):
+        if not os.path.isdir(root):
+            raise DataError(f"data folder not found: {root}")
+        self.samples, self.class_to_idx = find_images_and_targets(root, types=IMAGE_EXTENSIONS,
+                                                                  class_to_idx=class_to_idx or None)
+        if not self.samples:
+            raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        self.root, self.where, self.transform, self.in_chans = root, root, transform, in_chans
+        self.draft_side = 2 * int(max(np.atleast_1d(input_size))) if input_size is not None else None
+        self.bad_image, self.max_bad_fraction = bad_image, max_bad_fraction
+        self._count_bad()
+        self.probe_kind()
+
+    def keep_only(self, indices):
+        """Restrict the dataset to these files (in this order), its bad-file count and limit with it."""
+        self.samples = [self.samples[i] for i in indices]
+        self._count_bad()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def filename(self, i: int) -> str:
+        return self.samples[i][0]
+
+    def target(self, i: int) -> int:
+        return self.samples[i][1]
+
+    def load(self, i: int) -> Decoded:
+        """File i decoded (no transform); raises when it cannot be read."""
+        return load(self.samples[i][0], self.in_chans, self.draft_side)
+
+    def reason(self, error: Exception, i: int) -> str:
+        return describe(error, self.filename(i))
 
 
 BAD_FILE_PROTOCOL = ("bad", "allowed", "monitored", "filename", "problem", "over_limit", "limit_error")

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 

@@ -5,7 +5,6 @@ Data path from image to loss: fcmae/data.py (images -> augmented tensors and mas
 encoder, decoder, loss) -> fcmae/engine.py (one optimiser step) -> fcmae/loop.py (the loop, logging,
 checkpoints); fcmae/pretrain_stage.py adds pictures, the collapse monitor and the kNN monitor.
 """
-import argparse
 import logging
 
 import torch

@@ -31,7 +31,6 @@ size and mtime. Per-sample range requests are slow at ImageNet rates: copying th
 import io
 import json
 import logging
-import math
 import os
 import re
 import tarfile
@@ -39,14 +38,10 @@ from hashlib import sha1
 from typing import List, Optional
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
 
 from . import images
-from .data import HIGH_BIT_DEPTH
 from .errors import DataError
-from .images import IMAGE_EXTENSIONS, MEAN_GREY, MEAN_RGB
+from .images import IMAGE_EXTENSIONS
 
 log = logging.getLogger("fcmae")
 
@@ -231,16 +226,10 @@ def decode_bytes(data: bytes, name: str, in_chans: int = 3, draft_side: Optional
     return images.decode(io.BytesIO(data), name, in_chans, draft_side=draft_side)
 
 
-def describe(error: Exception, data_size: int) -> str:
-    if data_size == 0:
-        return "empty file"
-    return images.describe(error, "")
-
-
 # ---------------------------------------------------------------- dataset
 
 
-class TarShards(Dataset):
+class TarShards(images.SkippingDataset):
     """(decoded image, label or -1) for each sample of the shards of `data_path` (a brace pattern, a .tar file or
     a folder of .tar files), in shard order then tar order; the transform, decoding, kind and bad-sample rules of
     fcmae.images.ImageFiles, whose bad-file protocol it has (BadImageMonitor polls it): `input_size` allows
@@ -273,26 +262,13 @@ class TarShards(Dataset):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
         self.root = os.path.commonpath([os.path.dirname(os.path.abspath(s)) for s in self.shards])
+        self.where = f"the shards {data_path}"
         self.data_path, self.transform, self.in_chans = data_path, transform, in_chans
         self.draft_side = 2 * int(max(np.atleast_1d(input_size))) if input_size is not None else None
         self.bad_image, self.max_bad_fraction = bad_image, max_bad_fraction
-        self._count_bad()
-        self.monitored = False  # set by BadImageMonitor
         self._files, self._pid = {}, None
-        self.kind, self.kind_file = None, None
-        for i in range(min(100, len(self))):  # the kind of the first sample that loads, as ImageFiles
-            try:
-                self.kind, self.kind_file = images.kind_of(self.load(i)), self.filename(i)
-                break
-            except Exception:
-                continue
-
-    def _count_bad(self):
-        # a run tolerates this many bad samples; never all of them (there would be nothing to train on)
-        allowed = 0 if self.bad_image == "error" else math.floor(self.max_bad_fraction * len(self) + 1e-9)
-        self.allowed = min(allowed, len(self) - 1)
-        # 1 = unreadable; in shared memory, so marks made in DataLoader workers reach the main process
-        self.bad = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
+        self._count_bad()
+        self.probe_kind()
 
     def keep_only(self, indices):
         """Restrict the dataset to these samples (in this order), its bad-sample count and limit with it."""
@@ -333,66 +309,11 @@ class TarShards(Dataset):
         """Sample i decoded (no transform); raises when it cannot be read."""
         return decode_bytes(self.read_bytes(i), self.member(i), self.in_chans, self.draft_side)
 
-    def load_checked(self, i: int):
-        """`load`, and a sample of the other kind than the first (8-bit vs high-bit-depth) is unreadable too."""
-        img = self.load(i)
-        if self.kind is not None and images.kind_of(img) != self.kind:
-            raise ValueError(f"{images.kind_of(img)} values, but the first sample {self.kind_file} is {self.kind} "
-                             "(8-bit values are scaled to 0..1, deeper ones kept in their units: one data set "
-                             "holds one kind)")
-        return img
+    def target(self, i: int) -> int:
+        return int(self.targets[i])
 
-    def stand_in(self):
-        """A mean-valued 32x32 image of the dataset's kind, returned past the limit (so batches still collate)."""
-        c = self.in_chans
-        if self.kind == HIGH_BIT_DEPTH:
-            return torch.zeros(c, 32, 32)
-        if c in (1, 3):
-            return Image.new("L", (32, 32), MEAN_GREY) if c == 1 else Image.new("RGB", (32, 32), MEAN_RGB)
-        return torch.zeros(c, 32, 32, dtype=torch.uint8)
-
-    def __getitem__(self, index):
-        i = index
-        while True:  # as ImageFiles: the next sample that loads, cyclically, until over the limit
-            try:
-                img = self.load_checked(i)
-                break
-            except Exception:
-                self.bad[i] = 1
-                if self.over_limit():
-                    if get_worker_info() is None or not self.monitored:  # unmonitored: a worker traceback, but a stop
-                        raise self.limit_error() from None
-                    img, i = self.stand_in(), index  # poll() stops the run
-                    break
-                i = (i + 1) % len(self)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.targets[i])
-
-    def bad_indices(self):
-        return torch.nonzero(self.bad).flatten().tolist()
-
-    def over_limit(self) -> bool:
-        return int(self.bad.sum()) > self.allowed
-
-    def problem(self, i: int) -> str:
-        """Why sample `i` does not load, found by reading it again (in the main process)."""
-        try:
-            self.load_checked(i)
-        except Exception as e:
-            return describe(e, int(self.sizes[i]))
-        return "failed in a loader process but reads now (a passing I/O error?)"
-
-    def limit_error(self) -> DataError:
-        bad = self.bad_indices()
-        if self.bad_image == "error":
-            return DataError(f"unreadable image {self.filename(bad[0])}: {self.problem(bad[0])} (--bad-image error "
-                             "stops at the first; --bad-image skip skips up to --max-bad-fraction of them)")
-        named = [f"{os.path.relpath(self.filename(i), self.root)} ({self.problem(i)})" for i in bad[:3]]
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        why = "none can be read" if len(bad) == len(self) else f"over --max-bad-fraction {self.max_bad_fraction:g}"
-        return DataError(f"{len(bad)} of {len(self)} images in the shards {self.data_path} are unreadable ({why}); "
-                         f"first: {', '.join(named)}{more}; remove or fix them, or raise --max-bad-fraction")
+    def reason(self, error: Exception, i: int) -> str:
+        return "empty file" if int(self.sizes[i]) == 0 else images.describe(error, "")
 
     def close(self):
         if self._pid == os.getpid():

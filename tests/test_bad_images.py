@@ -327,10 +327,19 @@ def test_finetune_with_a_bad_file_in_train_and_val(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(common + ["--output-dir", str(tmp_path / "capped")])
     assert e.value.code == 2
+    # the validation files are read before training starts, so their problem stops the run first, at once
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: 1 of 5 images in {root}/val are unreadable (over --max-bad-fraction 0.01); "
+                           "first: dog/9.jpg (")
+    assert not list((tmp_path / "capped").glob("checkpoint-*.pth"))
+    (root / "val" / "dog" / "9.jpg").unlink()  # a clean validation set: the train file's problem stops the run
+    with pytest.raises(SystemExit) as e:
+        main(common + ["--output-dir", str(tmp_path / "capped2")])
+    assert e.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"error: 1 of 8 images in {root}/train are unreadable (over --max-bad-fraction 0.01); first: cat/0.png " \
         "(empty file); remove or fix them, or raise --max-bad-fraction"
-    assert not list((tmp_path / "capped").glob("checkpoint-*.pth"))
+    assert not list((tmp_path / "capped2").glob("checkpoint-*.pth"))
 
 
 @pytest.mark.parametrize("cli", ["fcmae.pretrain", "finetune.__main__"])

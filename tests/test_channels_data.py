@@ -496,7 +496,8 @@ def test_data_stats_matches_numpy(tiles, tmp_path, capsys):
     assert re.fullmatch(r"error: 1 of 11 images in \S+ are unreadable \(over --max-bad-fraction 0.01\); first: "
                         r"x1_three.tif .*", capsys.readouterr().err.strip().splitlines()[-1])
     for argv, message in [([str(tmp_path / "none"), "--in-chans", "4"], "error: data folder not found: "),
-                          ([str(root), "--in-chans", "0"], "error: --in-chans must be >= 1, got 0"),
+                          ([str(root), "--in-chans", "0"],
+                           "error: argument --in-chans/--in_chans: '0' is not an integer >= 1"),
                           ([str(root)], "error: the following arguments are required: --in-chans")]:
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -560,10 +560,9 @@ def test_hf_directory_problems(converted, tmp_path):
 
 
 def test_unknown_target(sources, tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        main([str(sources["convnextv2_atto"]["finetune"]), str(tmp_path / "o"), "--to", "onnx"])
-    assert info.value.code == 2
-    assert "argument --to: invalid choice: 'onnx'" in capsys.readouterr().err
+    assert main([str(sources["convnextv2_atto"]["finetune"]), str(tmp_path / "o"), "--to", "onnx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: argument --to: 'onnx' is not one of ours, timm, hf, reference (see --help)"]
     with pytest.raises(ValueError, match="unknown target 'onnx'; valid targets: ours, timm, hf, reference"):
         convert(sources["convnextv2_atto"]["clf"].state_dict(), "onnx")
 
@@ -721,7 +720,7 @@ def test_adapt_same_channels_is_a_no_op_and_other_sources_are_refused(sources, c
     assert "only RGB (3-channel) checkpoints can be adapted to 1" in err and not (tmp_path / "o.pth").exists()
     err = run_cli_error([sources["convnextv2_atto"]["finetune"], tmp_path / "o.pth", "--to", "timm", "--in-chans", "0"],
                         capsys)
-    assert "--in-chans must be >= 1, got 0" in err
+    assert "--in-chans" in err and "'0' is not an integer >= 1" in err
     # other targets adapt too
     src = sources["convnextv2_atto"]["finetune"]
     assert main([str(src), str(tmp_path / "hf"), "--to", "hf", "--in-chans", "4"]) == 0

@@ -9,7 +9,6 @@ the batch: two small batches give the line, the largest batch under the budget i
 measured (and stepped down while it does not fit). The budget is also capped by the memory this machine has
 free, so the search never runs the machine out of memory.
 """
-import argparse
 import json
 import os
 import subprocess
