@@ -192,7 +192,12 @@ def test_encoder_takes_masks_with_any_count_per_image(atto64, grn_stats):
 
 
 def test_report_measured_agreement():
-    """Prints the largest relative difference to the dense oracle (loss, predictions, every gradient) that the
-    tests above measured (pytest -s); runs last in this module."""
+    """Runs last in this module: the tests above measured every backend in both precisions (a skipped or renamed
+    comparison would otherwise go unnoticed), each within its tolerance; the figures are printed (pytest -s) for
+    the README."""
+    backends = ["sparse"] + (["minkowski"] if HAS_MINKOWSKI else [])
+    wanted = {(b, d) for b in backends for d in ("float64", "float32")}
+    assert wanted <= set(MEASURED), f"not measured: {sorted(wanted - set(MEASURED))}"
     for (backend, dtype), value in sorted(MEASURED.items()):
         print(f"max relative difference to dense, {backend}, {dtype}: {value:.1e}")
+        assert value <= (1e-12 if dtype == "float64" else 1e-4), (backend, dtype, value)
