@@ -72,6 +72,26 @@ def test_pretrain_two_processes_match_one_and_resume(tmp_path):
     assert close(single, resumed), (single, resumed)
 
 
+def test_pretrain_from_shards_two_processes_match_one_from_the_folder(tmp_path):
+    """DDP sharding over tar shards: 2 processes x 4 images read from shards give the losses of 1 process x 8 read
+    from the folder the shards were made of."""
+    import numpy as np
+    from PIL import Image
+
+    from tools.make_shards import make_shards
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (48, 56, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    make_shards(str(folder), str(tmp_path / "shards"), shard_size=40_000, progress=lambda line: None)
+    single, _ = run(PRETRAIN + ["--data-path", str(folder), "--knn-every-epochs", "0"], 1, tmp_path / "one", 8, 2)
+    double, _ = run(PRETRAIN + ["--data-path", str(tmp_path / "shards"), "--knn-every-epochs", "0"], 2,
+                    tmp_path / "two", 4, 2)
+    assert close(single, double), (single, double)
+
+
 def test_finetune_two_processes_match_one(tmp_path):
     single, _ = run(FINETUNE, 1, tmp_path / "one", 8, 3)
     double, _ = run(FINETUNE, 2, tmp_path / "two", 4, 3)

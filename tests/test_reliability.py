@@ -33,7 +33,9 @@ PRETRAIN = ["-m", "fcmae.pretrain", "--input-size", "64", "--batch-size", "4", "
 FINETUNE = ["-m", "finetune", "--model", "convnextv2_atto", "--input-size", "32", "--batch-size", "8",
             "--train-subset", "24", "--val-subset", "16", "--epochs", "3", "--num-workers", "0", "--log-every", "1",
             "--mixup", "0.8", "--cutmix", "1.0", "--device", "cpu", "--max-steps", str(STEPS)]
-COMMANDS = {"pretrain": PRETRAIN, "finetune": FINETUNE}
+# the same pretraining run reading the photos packed as tar shards (several, small): same samples, same order
+PRETRAIN_SHARDS = [a if a != "{data}" else "{data}_shards" for a in PRETRAIN]
+COMMANDS = {"pretrain": PRETRAIN, "finetune": FINETUNE, "pretrain_shards": PRETRAIN_SHARDS}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -49,6 +51,10 @@ def data(tmp_path_factory):
     for name in names:
         img = getattr(skdata, name)()
         Image.fromarray(img if img.dtype.name == "uint8" else (img * 255).astype("uint8")).save(root / f"{name}.png")
+    from tools.make_shards import make_shards
+
+    result = make_shards(str(root), f"{root}_shards", shard_size=400_000, progress=lambda line: None)
+    assert len(result["shards"]) > 1
     return str(root)
 
 
@@ -183,6 +189,13 @@ def test_stop_signals_save_and_exit_75(tmp_path, data, uninterrupted, kind, sig)
         before = sorted(os.listdir(tmp_path))
         again = launch(cmd)
         assert "nothing to do" in again.stdout and sorted(os.listdir(tmp_path)) == before
+
+
+def test_shards_give_the_folder_run(uninterrupted):
+    """Tar shards of the same photos: the same samples in the same seeded order, so the same losses and weights."""
+    assert uninterrupted["pretrain_shards"][0] == uninterrupted["pretrain"][0]
+    for key, value in uninterrupted["pretrain"][1].items():
+        assert torch.equal(uninterrupted["pretrain_shards"][1][key], value), key
 
 
 def test_finished_run_metrics_say_complete(uninterrupted):
