@@ -28,6 +28,27 @@ def _channel_energy(block: nn.Module, out: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def hooked_dense_pass(model: nn.Module, images: torch.Tensor, hooks, batch_size: int = 0):
+    """Run `model`'s timm `stem` and `stages` densely (every site, no mask) in eval mode over `images`, `batch_size`
+    at a time (0: all at once), with forward hooks [(module, fn)] installed for the pass; the hooks are removed and
+    the mode restored afterwards. What the collapse monitor and tools/feature_diversity measure through."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    step = batch_size or len(images)
+    try:
+        for start in range(0, len(images), step):
+            x = model.stem(images[start:start + step].to(device, torch.float32))
+            for stage in model.stages:
+                x = stage(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def collapse_stats(encoder: nn.Module, images: torch.Tensor) -> Dict[str, List[float]]:
     """Per stage: `dead_fraction`, `gamma_norm`, `beta_norm` (lists of one float per stage).
 
@@ -41,17 +62,8 @@ def collapse_stats(encoder: nn.Module, images: torch.Tensor) -> Dict[str, List[f
         for block in stage.blocks:
             def record(module, args, out, i=i, block=block):
                 energies[i].append(_channel_energy(block, out))
-            hooks.append(block.mlp.act.register_forward_hook(record))
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        x = encoder.stem(images.to(next(encoder.parameters()).device, torch.float32))
-        for stage in encoder.stages:
-            x = stage(x)
-    finally:
-        encoder.train(was_training)
-        for h in hooks:
-            h.remove()
+            hooks.append((block.mlp.act, record))
+    hooked_dense_pass(encoder, images, hooks)
 
     stats = {"dead_fraction": [], "gamma_norm": [], "beta_norm": []}
     for i, stage in enumerate(encoder.stages):

@@ -35,6 +35,7 @@ from torch import nn
 
 from fcmae.cli import check_writable_dir, run_cli
 from fcmae.errors import DataError, UsageError
+from fcmae.monitor import hooked_dense_pass
 from fcmae.options import ArgParser, add
 
 ACTIVATIONS = ("mlp", "block")
@@ -79,19 +80,8 @@ def feature_distances(model: nn.Module, images: torch.Tensor, activation: str = 
         for j, block in enumerate(stage.blocks):
             def record(module, args, out, key=(i, j), dim=_channel_dim(block, activation)):
                 sums[key] = sums.get(key, 0.0) + channel_cosine_distance(out, dim).sum().item()
-            hooks.append(_hook_point(block, activation).register_forward_hook(record))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(images), batch_size):
-            x = model.stem(images[start:start + batch_size].to(device, torch.float32))
-            for stage in model.stages:
-                x = stage(x)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+            hooks.append((_hook_point(block, activation), record))
+    hooked_dense_pass(model, images, hooks, batch_size)
     return [[sums[(i, j)] / len(images) for j in range(len(stage.blocks))] for i, stage in enumerate(model.stages)]
 
 
