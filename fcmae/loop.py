@@ -175,7 +175,6 @@ class Loop:
         self.writer = None
         self.nonfinite_skipped = 0
         self._pending = []  # (step, epoch, loss, finite, grad_norm, lr) of steps not yet read on the host
-        self._last_grad = float("nan")
         self.stopping = False
 
     # ------------------------------------------------------------------------------------------
@@ -236,7 +235,6 @@ class Loop:
                 self._nonfinite(step, loss, grad)
                 continue
             self.history.add(step, loss)
-            self._last_grad = grad
             if self.writer is not None:
                 self.writer.add_scalar("train/loss", loss, step)
                 self.writer.add_scalar("train/lr", lr, step)
@@ -248,9 +246,10 @@ class Loop:
             self.writer.add_scalar("train/images_per_second", rate, step)
         failure = log_write_failure()
         if failure is not None:
-            raise RunStopped(f"could not write log.txt in {self.cfg.output_dir}: {getattr(failure, 'strerror', None) or failure}; "
-                             f"{ckpt.intact_message(self.cfg.output_dir)}. Free space and rerun the same command to resume",
-                             EXIT_WRITE_FAILED)
+            reason = getattr(failure, "strerror", None) or failure
+            raise RunStopped(f"could not write log.txt in {self.cfg.output_dir}: {reason}; "
+                             f"{ckpt.intact_message(self.cfg.output_dir)}. Free space and rerun the same command to "
+                             "resume", EXIT_WRITE_FAILED)
 
     def _nonfinite(self, step: int, loss: float, grad: float):
         what = f"non-finite loss ({loss})" if not torch.isfinite(torch.tensor(loss)) else \
@@ -295,8 +294,8 @@ class Loop:
             if self.writer is not None:
                 self.writer.close()
         complete = self.step >= total
-        metrics = {"complete": complete, "model": cfg.model_name, "steps": self.step, "total_steps": total, **self.history.summary(),
-                   **self.stage.metrics()}
+        metrics = {"complete": complete, "model": cfg.model_name, "steps": self.step, "total_steps": total,
+                   **self.history.summary(), **self.stage.metrics()}
         if self.dist.is_main:
             ckpt.write_text_or_stop(os.path.join(cfg.output_dir, "metrics.json"), json.dumps(metrics, indent=1))
         if not complete:
