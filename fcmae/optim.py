@@ -1,7 +1,6 @@
 """Optimisation pieces both stages share, with explicit arguments: the lr rule, steps per epoch, the schedule,
 and an optimiser step that a non-finite gradient skips on the device (no host read of the flag)."""
 import logging
-import math
 from typing import Optional
 
 import torch
@@ -64,7 +63,3 @@ def finite_weights(module: torch.nn.Module) -> bool:
     """Whether every parameter and buffer is finite (one host read)."""
     flags = [torch.isfinite(t).all() for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
     return bool(torch.stack(flags).all()) if flags else True
-
-
-def is_finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)

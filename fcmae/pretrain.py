@@ -6,10 +6,15 @@ encoder, decoder, loss) -> fcmae/engine.py (one optimiser step) -> fcmae/loop.py
 checkpoints); fcmae/pretrain_stage.py adds pictures, the collapse monitor and the kNN monitor.
 """
 import logging
+import os
 
 import torch
+from timm.optim import param_groups_weight_decay
 
+from finetune.data import build_datasets
 from models import BACKENDS, GRN_STATS, VARIANTS, create_fcmae
+from models.ablations import remove_grn
+from models.fcmae import compile_for_training
 from models.masking import mask_grid, num_visible
 from models.variants import get_variant
 
@@ -99,7 +104,7 @@ def validate(args):
             import_minkowski()
         except ImportError as e:
             raise UsageError(str(e)) from None
-    if args.resume not in ("auto", "none") and not _exists(args.resume):
+    if args.resume not in ("auto", "none") and not os.path.exists(args.resume):
         raise UsageError(f"--resume checkpoint not found: {args.resume}")
     if args.show_channels is not None and (len(args.show_channels) != 3 or max(args.show_channels) >= args.in_chans):
         raise UsageError(f"--show-channels takes three channel indices below --in-chans {args.in_chans}, "
@@ -110,12 +115,6 @@ def validate(args):
         raise UsageError("--knn-every-epochs needs labelled images: pass --knn-data (train/ and val/ class folders "
                          "or shards), or --knn-every-epochs 0")
     check_writable_dir(args.output_dir)
-
-
-def _exists(path):
-    import os
-
-    return os.path.exists(path)
 
 
 class PretrainData:
@@ -153,8 +152,6 @@ class KnnSets:
 def knn_data(args) -> KnnSets:
     """Labelled bank and query sets for the kNN monitor, through fine-tuning's evaluation transform at the
     pretraining input size: --knn-data, else the built-in dataset's labels (stratified, seeded subsets)."""
-    from finetune.data import build_datasets
-
     data = build_datasets(data_path=args.knn_data, input_size=args.input_size, in_chans=args.in_chans,
                           mean=args.mean, std=args.std, train_subset=args.knn_bank, val_subset=args.knn_queries,
                           seed=args.seed, max_bad_fraction=args.max_bad_fraction, augment=False)
@@ -184,8 +181,6 @@ def build_model(args, device):
                          decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
                          norm_pix_loss=args.norm_pix_loss, in_chans=args.in_chans)
     if not args.encoder_grn:
-        from models.ablations import remove_grn
-
         remove_grn(model.encoder)
     model.encoder.grad_checkpointing = args.grad_checkpointing
     model.to(device)
@@ -204,15 +199,11 @@ def train(args, dist_info, data, steps_per_epoch, knn_sets, path, state, changed
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
     if args.compile:
-        from models.fcmae import compile_for_training
-
         compile_for_training(model)  # in place: state-dict keys do not change
     eff_batch, lr = effective_lr(args.batch_size, args.accum_iter, dist_info.world_size, args.blr, args.lr)
     log.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3e", eff_batch, args.batch_size,
              args.accum_iter, dist_info.world_size, lr)
     # no weight decay on 1-D tensors, biases and the mask token (the reference decayed GRN and the token by accident)
-    from timm.optim import param_groups_weight_decay
-
     groups = param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=["mask_token"])
     groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
     optimizer = adamw(groups, lr, (0.9, 0.95), device.type)

@@ -19,11 +19,13 @@ from fcmae.cli import exit_with
 from fcmae.data import resolve_mean_std
 from fcmae.distributed import cleanup, device_for, init_distributed, world_size_from_env
 from fcmae.errors import CheckpointError, UsageError
+from fcmae.images import BadImageMonitor
 from fcmae.logs import setup_logging
 from fcmae.loop import Loop, LoopConfig, check_same_settings, find_start, prepare_output
-from fcmae.optim import effective_lr, epoch_steps
+from fcmae.optim import cosine_schedule, effective_lr, epoch_steps
 from fcmae.options import plain
 from fcmae.sampling import EpochSampler, SeededDataset
+from models.ablations import remove_grn
 from models.convert import in_chans_of
 from models.variants import get_variant
 
@@ -166,8 +168,6 @@ def evaluate_checkpoint(args, dist_info) -> dict:
         init_from_pretrained(model, weights, keep_head=True)
     else:
         load_state(model, state["model"], source)
-    from fcmae.images import BadImageMonitor
-
     bad_images = BadImageMonitor(data.val)  # before the loader's workers start
     loader = val_loader(data.val, args, dist_info)
     results = evaluate(model.to(device), loader, device, args.amp)
@@ -228,8 +228,6 @@ def train(args, dist_info, start, data, steps_per_epoch) -> dict:
         log.info("initialised %s from %s (%s)", args.model, args.finetune,
                  "head kept" if args.keep_head else "classifier re-initialised, std 2e-5")
     if not args.encoder_grn:
-        from models.ablations import remove_grn
-
         remove_grn(model)
     model.to(device)
     model.set_grad_checkpointing(args.grad_checkpointing)
@@ -249,8 +247,6 @@ def train(args, dist_info, start, data, steps_per_epoch) -> dict:
              args.batch_size, args.accum_iter, dist_info.world_size, lr, args.layer_decay_type, args.layer_decay)
     optimizer = build_optimizer(model, get_variant(args.model).depths, lr, args.weight_decay, args.layer_decay,
                                 args.layer_decay_type, device.type)
-    from fcmae.optim import cosine_schedule
-
     scheduler = cosine_schedule(optimizer, args.epochs, steps_per_epoch, args.warmup_epochs, args.min_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
