@@ -5,6 +5,7 @@ from timm.layers import trunc_normal_
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
+from .backends.dwconv import use_cpu_depthwise_conv
 from .encoder import SparseConvNeXtV2
 from .grn import use_float32_grn_stats
 from .masking import PATCH_SIZE, check_mask, mask_grid, num_visible, random_mask, split_cells
@@ -37,6 +38,7 @@ class FCMAE(nn.Module):
         ])
         self.pred = nn.Conv2d(decoder_dim, PATCH_SIZE ** 2 * in_chans, kernel_size=1)
         use_float32_grn_stats(self.decoder)
+        use_cpu_depthwise_conv(self.decoder)
         self._init_decoder()
 
     def _init_decoder(self):

@@ -28,6 +28,20 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def l2_norms(x: torch.Tensor, dim) -> torch.Tensor:
+    """float32 (or wider) L2 norms of x over `dim`, keepdim. bf16 squares and sums in its own dtype: the CPU and
+    CUDA sum kernels accumulate bf16 in float32 and round only the result (relative error ~2^-9), which costs half
+    of copying x - the widest activation of a block - to float32 first. fp16 squares overflow at 256: float32."""
+    if x.dtype == torch.bfloat16:
+        return (x * x).sum(dim, keepdim=True).float().sqrt()
+    x = x.to(stats_dtype(x))
+    return (x * x).sum(dim, keepdim=True).sqrt()
+
+
+def low_precision(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.bfloat16, torch.float16)
+
+
 def grn_apply(x: torch.Tensor, gx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x: (..., C) channels-last; gx: the L2 norms (float32 or wider), broadcastable to x."""
     nx = (gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)).to(x.dtype)
@@ -52,12 +66,16 @@ def dense_norms(x: torch.Tensor, stats: str) -> torch.Tensor:
 
 
 class Float32StatsGRN(GlobalResponseNorm):
-    """timm's GRN (same parameters, same state-dict keys) with its norm taken in float32, as above."""
+    """timm's GRN (same parameters, same state-dict keys) with its norm taken in float32, as above, and its output
+    in x's dtype under autocast (timm's promotes to float32, which the next linear layer casts straight back)."""
 
     def forward(self, x):
-        x_g = torch.linalg.vector_norm(x, dim=self.spatial_dim, keepdim=True, dtype=stats_dtype(x))
+        x_g = l2_norms(x, self.spatial_dim)
         x_n = (x_g / (x_g.mean(dim=self.channel_dim, keepdim=True) + self.eps)).to(x.dtype)
-        return x + torch.addcmul(self.bias.view(self.wb_shape), self.weight.view(self.wb_shape), x * x_n)
+        weight, bias = self.weight.view(self.wb_shape), self.bias.view(self.wb_shape)
+        if low_precision(x):  # under autocast: the output stays in x's dtype (fc2 reads it so), no float32 copy
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        return x + torch.addcmul(bias, weight, x * x_n)
 
 
 def use_float32_grn_stats(model: nn.Module) -> nn.Module:

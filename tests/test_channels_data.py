@@ -346,9 +346,11 @@ def test_pretrain_transform_keeps_channels_and_dtype(source):
         assert out.min() < 0 and out.max() > 1000  # native units, not scaled
         full = transforms.functional.resized_crop(img, 0, 0, 50, 70, [50, 70], antialias=True)
         assert torch.allclose(full, img, atol=1e-2)  # crop of the whole image at its size: values kept
+    before = out.clone()
     y = normalize(out, [0.5] * c, [2.0] * c)
     ref = (out.float() / (255 if dtype == torch.uint8 else 1) - 0.5) / 2
     assert y.dtype == torch.float32 and torch.allclose(y, ref)
+    assert torch.equal(out, before)  # normalises a copy in place, never the caller's (float32) tensor
 
 
 def test_resolve_mean_std():

@@ -1,10 +1,12 @@
-"""The hand-written backward passes (sparse._GroupedGRN, dwconv._SiteDepthwiseConv) against finite differences
-(torch.autograd.gradcheck, float64)."""
+"""The hand-written backward passes (sparse._GroupedGRN, dwconv._SiteDepthwiseConv, dwconv._DepthwiseConv) against
+finite differences (torch.autograd.gradcheck, float64), and their reduced-precision paths against float64."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.backends.dwconv import _SiteDepthwiseConv
+from models.backends.dwconv import CPUDepthwiseConv2d, _DepthwiseConv, _SiteDepthwiseConv, use_cpu_depthwise_conv
 from models.backends.sparse import SiteIndex, _GroupedGRN, visible_cells
 from models.grn import dense_norms, grn_apply
 
@@ -56,3 +58,56 @@ def test_site_depthwise_conv_gradcheck(case, cache):
     ref = F.conv2d(dense, weight.detach(), bias.detach(), padding=k // 2, groups=c)
     ref = ref.permute(0, 2, 3, 1).reshape(-1, c)[sites.flat]
     assert torch.allclose(conv(x, weight, bias), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_grn_low_precision_close_to_float64(dtype):
+    """bf16 squares, sums and products stay in bf16 (float32 accumulation), fp16 ones in float32: both within a
+    few bf16/fp16 ulps of float64, and the output keeps x's dtype (fc2 reads it so under autocast)."""
+    torch.manual_seed(0)
+    x64 = torch.randn(4, 300, 16, dtype=torch.float64) * 20  # fp16 squares of 20-sigma values overflow at 256
+    weight, bias = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    grad64 = torch.randn(4, 300, 16, dtype=torch.float64)
+    outs = []
+    for xd, w, b, g in ((x64, weight, bias, grad64), (x64.to(dtype), weight.float(), bias.float(), grad64.to(dtype))):
+        xd, w, b = (t.clone().requires_grad_() for t in (xd, w, b))
+        out = _GroupedGRN.apply(xd, w, b)
+        out.backward(g)
+        outs.append((out, xd.grad, w.grad, b.grad))
+    (ref, *ref_grads), (out, *grads) = outs
+    assert out.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == torch.float32
+    assert torch.isfinite(out).all() and all(torch.isfinite(gr).all() for gr in grads)
+    for a, b in [(out, ref)] + list(zip(grads, ref_grads)):
+        assert (a.double() - b).norm() / b.norm() < 2e-2
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
+def test_depthwise_conv_gradcheck(layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    if layout == "channels-last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.randn(3, 1, 7, 7, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _DepthwiseConv.apply(*a, (3, 3)), (x, weight, bias))
+
+
+def test_cpu_depthwise_conv_module_matches_conv2d():
+    """The decoder's depthwise conv swap: same parameters, outputs and gradients as nn.Conv2d; under bf16 autocast
+    it computes in float32 (a float32 output close to the bf16 conv's)."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 7, padding=3, groups=8), torch.nn.Conv2d(8, 4, 1))
+    ours = use_cpu_depthwise_conv(copy.deepcopy(ref))
+    assert type(ours[0]) is CPUDepthwiseConv2d and type(ours[1]) is torch.nn.Conv2d  # 1x1: not depthwise
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 8, 9, 9)
+    a, b = ref(x), ours(x)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    assert torch.allclose(a, b, atol=1e-6)
+    for p, q in zip(ref.parameters(), ours.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ours[0](x.bfloat16())
+    assert low.dtype == torch.float32 and torch.allclose(low, ours[0](x.bfloat16().float()), atol=1e-5)

@@ -7,6 +7,9 @@ gradient as a (H, W) kernel and a 7x7 output. On other devices the native kernel
 """
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..grn import low_precision
 
 
 def _zero_map(maps, key, size, like: torch.Tensor) -> torch.Tensor:
@@ -78,18 +81,80 @@ class _SiteDepthwiseConv(torch.autograd.Function):
             gx = gather_sites(F.conv2d(gmap, w.flip(2, 3), padding=pad, groups=c), flat) if need_x else None
             gw = None
             if need_w:
-                n, h, wd = shape
                 xp = scatter_planar(maps, "x_planar", flat, shape, xg)
                 gp = scatter_planar(maps, "grad_planar", flat, shape, grad)
-                gw = F.conv2d(xp.view(1, c * n, h, wd), gp.view(c * n, 1, h, wd), padding=pad, groups=c * n)
-                gw = gw.view(c, n, *w.shape[2:]).sum(1).unsqueeze(1)
+                gw = planar_weight_grad(xp, gp, shape, pad)
             gb = grad.sum(0) if need_b else None  # the gradient is zero at masked sites: the rows hold all of it
         return (None if gx is None else gx.to(x.dtype), None if gw is None else gw.to(weight.dtype),
                 None if gb is None else gb.to(weight.dtype), None, None, None, None)
+
+
+def planar_weight_grad(xp: torch.Tensor, gp: torch.Tensor, shape, pad) -> torch.Tensor:
+    """The depthwise kernel's gradient (C, 1, kh, kw) from input and output-gradient planes (C, N * H * W):
+    grad_weight[c] = sum_n corr(x[n, c], grad[n, c]), one depthwise conv over the C * N planes."""
+    (n, h, w), c = shape, xp.shape[0]
+    gw = F.conv2d(xp.view(1, c * n, h, w), gp.view(c * n, 1, h, w), padding=pad, groups=c * n)
+    return gw.view(c, n, *gw.shape[2:]).sum(1).unsqueeze(1)
+
+
+def float32_on_cpu(x: torch.Tensor) -> bool:
+    """bf16/fp16 depthwise convolutions run in float32 on CPU: there oneDNN's bf16 depthwise kernels are no faster
+    than float32 and PyTorch's bf16 backward is 2x slower (atto/224/batch 32: the decoder's 7x7 conv backward 35 ms
+    in bf16, 16 ms in float32), and the LayerNorm that follows is faster in float32 at few channels."""
+    return x.device.type == "cpu" and (low_precision(x) or torch.is_autocast_enabled("cpu"))
 
 
 def site_depthwise_conv(x, conv, sites):
     """`conv` (timm's depthwise nn.Conv2d, stride 1, 'same' padding) on the visible sites x (V, C) of `sites`
     (a sparse.SiteIndex)."""
     maps = None if torch.compiler.is_compiling() else sites.maps
-    return _SiteDepthwiseConv.apply(x, conv.weight, conv.bias, sites.flat, sites.shape, tuple(conv.padding), maps)
+    args = (conv.weight, conv.bias, sites.flat, sites.shape, tuple(conv.padding), maps)
+    if float32_on_cpu(x):
+        with torch.autocast("cpu", enabled=False):
+            return _SiteDepthwiseConv.apply(x.float(), *args)
+    return _SiteDepthwiseConv.apply(x, *args)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """A dense depthwise conv (stride 1) with _SiteDepthwiseConv's faster CPU backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        pad, c = ctx.padding, weight.shape[0]
+        gx = F.conv2d(grad, weight.flip(2, 3), padding=pad, groups=c) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            n, _, h, w = x.shape
+            planes = [t.transpose(0, 1).contiguous().view(c, -1) for t in (x, grad)]
+            gw = planar_weight_grad(*planes, (n, h, w), pad)
+        gb = grad.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
+class CPUDepthwiseConv2d(nn.Conv2d):
+    """timm's depthwise nn.Conv2d (same parameters and state-dict keys) with the faster CPU backward, in float32
+    under CPU autocast (float32_on_cpu). Other devices: nn.Conv2d unchanged."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().forward(x)
+        if float32_on_cpu(x):
+            with torch.autocast("cpu", enabled=False):
+                return _DepthwiseConv.apply(x.float(), self.weight, self.bias, tuple(self.padding))
+        return _DepthwiseConv.apply(x, self.weight, self.bias, tuple(self.padding))
+
+
+def use_cpu_depthwise_conv(model: nn.Module) -> nn.Module:
+    """Switch every stride-1 depthwise nn.Conv2d of `model` to CPUDepthwiseConv2d, in place (the class only)."""
+    for m in model.modules():
+        if (type(m) is nn.Conv2d and m.groups == m.in_channels == m.out_channels and m.stride == (1, 1)
+                and m.dilation == (1, 1) and isinstance(m.padding, tuple) and m.padding_mode == "zeros"):
+            m.__class__ = CPUDepthwiseConv2d
+    return model

@@ -13,7 +13,12 @@ def linear(x, layer):
 
 
 def layer_norm(x, norm):
-    """Per-site LayerNorm over the last (channel) dim, for timm's LayerNorm and LayerNorm2d alike."""
+    """Per-site LayerNorm over the last (channel) dim, for timm's LayerNorm and LayerNorm2d alike. On CPU a
+    bf16/fp16 x is normalised in float32 (output float32; the next linear layer casts it under autocast): the
+    reduced-precision kernels are slower there at few channels (38912 x 40, forward + backward: 8.9 ms against
+    4.8 ms with the casts)."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
     return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
 
 

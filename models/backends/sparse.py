@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..grn import GRN_EPS, gathered_norms, grn_apply
+from ..grn import GRN_EPS, gathered_norms, grn_apply, l2_norms, low_precision
 from ..masking import split_cells
 from .dwconv import site_depthwise_conv
 from .params import downsample_as_linear, layer_norm, linear, run_block, stem_as_linear
@@ -134,20 +134,25 @@ class _GroupedGRN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        acc = torch.promote_types(x.dtype, torch.float32)  # float32 statistics for bf16/fp16 x under autocast
-        g = (x * x).sum(1, keepdim=True, dtype=acc).sqrt()
+        g = l2_norms(x, 1)  # float32 statistics for bf16/fp16 x under autocast
         m = g.mean(-1, keepdim=True) + GRN_EPS
         n = g / m
         ctx.save_for_backward(x, weight, g, m, n)
-        scale = torch.addcmul(torch.ones_like(n), weight, n).to(torch.promote_types(x.dtype, weight.dtype))
-        return torch.addcmul(bias, x, scale)
+        scale = torch.addcmul(torch.ones_like(n), weight, n)
+        if low_precision(x):  # the output stays in x's dtype: fc2 reads it so, and a float32 (G, S, C) copy costs
+            return torch.addcmul(bias.to(x.dtype), x, scale.to(x.dtype))
+        return torch.addcmul(bias, x, scale.to(torch.promote_types(x.dtype, weight.dtype)))
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, g, m, n = ctx.saved_tensors
-        dx = grad * x  # one (G, S, C) buffer: it holds grad * x for d, then dx (large temporaries cost on CPU)
-        d = dx.sum(1, keepdim=True, dtype=g.dtype)
+        # bf16 products are safe (float32's range) and its sums accumulate in float32; fp16 products of a scaled
+        # gradient overflow, so fp16 (and float32/64) work in the statistics' dtype
+        work = x.dtype if x.dtype == torch.bfloat16 else g.dtype
+        grad, xw = grad.to(work), x.to(work)
+        dx = grad * xw  # one (G, S, C) buffer: it holds grad * x for d, then dx (large temporaries cost on CPU)
+        d = dx.sum(1, keepdim=True).to(g.dtype)
         dn = d * weight
         dg = dn / m - (dn * g).sum(-1, keepdim=True) / (m * m * g.shape[-1])
-        torch.mul(grad, 1 + weight * n, out=dx).addcmul_(x, torch.where(g > 0, dg / g, 0.0))
+        torch.mul(grad, (1 + weight * n).to(work), out=dx).addcmul_(xw, torch.where(g > 0, dg / g, 0.0).to(work))
         return dx.to(x.dtype), (d * n).sum((0, 1)).to(weight.dtype), grad.sum((0, 1)).to(weight.dtype)
