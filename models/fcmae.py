@@ -83,9 +83,10 @@ class FCMAE(nn.Module):
         p*p*C values (unbiased var, eps 1e-6)."""
         target = patches.to(torch.promote_types(patches.dtype, torch.float32))
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+            centred = target - target.mean(dim=-1, keepdim=True)
+            # unbiased variance in two passes: torch.var's one-pass CPU kernel took 8 ms of a 0.5 s step
+            var = centred.square().sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)
+            target = centred / (var + 1.0e-6) ** 0.5
         return target
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

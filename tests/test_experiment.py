@@ -32,6 +32,18 @@ def test_arms_aliases_and_selection():
         E.main(["--arm", "nope", "--work-dir", "/nonexistent/never"])
 
 
+def test_long_budget_changes_only_pretraining_and_shares_scratch_runs(tmp_path):
+    default, long = (E.Stages(str(tmp_path), E.BUDGETS[b], workers=2) for b in ("default", "long"))
+    v2, scratch = E.ARMS["v2-fcmae"], E.ARMS["scratch"]
+    assert flag(long.pretrain_argv(v2, 0), "--epochs") == "4" and flag(default.pretrain_argv(v2, 0), "--epochs") == "1"
+    assert long.finetune_argv(1, "c.pth") == default.finetune_argv(1, "c.pth")  # the same evaluation
+    # pretrained fine-tunes never mix; scratch fine-tunes are the same runs (reused, not rerun)
+    assert default.finetune_name(v2, 0, 1) == "finetune_v2-fcmae_p0_s1_0.01_96px_15ep"  # unchanged: cached runs
+    assert long.finetune_name(v2, 0, 1) == "finetune_v2-fcmae_p0x4ep_s1_0.01_96px_15ep"
+    assert long.finetune_name(scratch, None, 1) == default.finetune_name(scratch, None, 1)
+    assert long.pretrain_name(v2, 0) != default.pretrain_name(v2, 0)
+
+
 def test_each_arm_changes_one_thing_and_gets_the_same_budget(tmp_path):
     stages = E.Stages(str(tmp_path), E.BUDGETS["default"], workers=2)
     argvs = {name: stages.pretrain_argv(arm, 0) for name, arm in E.ARMS.items() if arm.pretrained}
