@@ -157,6 +157,22 @@ def test_visualize_errors(tmp_path, pretrain_run, encoder_only, capsys):
 # kNN
 
 
+@pytest.mark.parametrize("backend", ["sparse", "dense", "naive"])
+def test_all_visible_map_equals_the_dense_pass(backend):
+    """The kNN monitor's fast features: the sparse backend with every cell visible gives timm's dense forward,
+    whatever backend the encoder trains with."""
+    from models.encoder import SparseConvNeXtV2
+    from tests.conftest import randomize_grn
+
+    torch.manual_seed(0)
+    encoder = randomize_grn(SparseConvNeXtV2("convnextv2_atto", backend=backend, in_chans=2), std=0.1).eval()
+    images = torch.randn(3, 2, 64, 96)
+    with torch.no_grad():
+        fast, dense = knn.all_visible_map(encoder)(images), knn.dense_encoder_map(encoder)(images)
+    assert fast.shape == dense.shape == (3, 320, 2, 3)
+    assert torch.allclose(fast, dense, rtol=1e-4, atol=1e-5)
+
+
 def test_knn_scores_by_hand():
     """Train: e1 (class 0), e2 and (e1+e2)/sqrt2 (class 1), -e1 (class 2). Query e1 with k=3: neighbours e1 (sim
     1), the diagonal (0.707), e2 (0). T=0.5: class 0 scores e^2 = 7.39, class 1 e^1.414 + e^0 = 5.11, so class 0
