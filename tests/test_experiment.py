@@ -41,6 +41,10 @@ def test_long_budget_changes_only_pretraining_and_shares_scratch_runs(tmp_path):
     assert default.finetune_name(v2, 0, 1) == "finetune_v2-fcmae_p0_s1_0.01_96px_15ep"  # unchanged: cached runs
     assert long.finetune_name(v2, 0, 1) == "finetune_v2-fcmae_p0x4ep_s1_0.01_96px_15ep"
     assert long.finetune_name(scratch, None, 1) == default.finetune_name(scratch, None, 1)
+    # V1-FCMAE fine-tunes V1 blocks (GRN held at identity), under its own run names
+    assert default.finetune_name(E.ARMS["v1-fcmae"], 0, 1) == "finetune_v1-fcmae_p0_nogrn_s1_0.01_96px_15ep"
+    v1 = default.finetune_argv(1, "c.pth", encoder_grn=False)
+    assert v1 == default.finetune_argv(1, "c.pth") + ["--no-encoder-grn"]
     assert long.pretrain_name(v2, 0) != default.pretrain_name(v2, 0)
 
 
