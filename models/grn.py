@@ -28,14 +28,25 @@ def stats_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def l2_norms(x: torch.Tensor, dim) -> torch.Tensor:
-    """float32 (or wider) L2 norms of x over `dim`, keepdim. bf16 squares and sums in its own dtype: the CPU and
+def sums_of_squares(x: torch.Tensor, dim) -> torch.Tensor:
+    """float32 (or wider) sums of x * x over `dim`, keepdim. bf16 squares and sums in its own dtype: the CPU and
     CUDA sum kernels accumulate bf16 in float32 and round only the result (relative error ~2^-9), which costs half
-    of copying x - the widest activation of a block - to float32 first. fp16 squares overflow at 256: float32."""
+    of copying x - the widest activation of a block - to float32 first. fp16 squares overflow at 256: float32.
+    Their sqrt has an infinite gradient at 0: autograd callers use l2_norms."""
     if x.dtype == torch.bfloat16:
-        return (x * x).sum(dim, keepdim=True).float().sqrt()
+        return (x * x).sum(dim, keepdim=True).float()
     x = x.to(stats_dtype(x))
-    return (x * x).sum(dim, keepdim=True).sqrt()
+    return (x * x).sum(dim, keepdim=True)
+
+
+def l2_norms(x: torch.Tensor, dim) -> torch.Tensor:
+    """float32 (or wider) L2 norms of x over `dim`, keepdim, differentiable with a zero (not NaN) gradient where a
+    norm is 0 (a channel that GELU zeroed everywhere), as vector_norm's: bf16 by sums_of_squares, clamped at the
+    smallest normal number before the sqrt; other dtypes by vector_norm in float32 or wider."""
+    if x.dtype == torch.bfloat16:
+        squares = sums_of_squares(x, dim)
+        return squares.clamp_min(torch.finfo(squares.dtype).tiny).sqrt()
+    return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=stats_dtype(x))
 
 
 def low_precision(x: torch.Tensor) -> bool:

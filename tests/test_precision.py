@@ -57,3 +57,24 @@ def test_pretrain_and_finetune_steps_under_autocast(tmp_path, amp):
                            "--output-dir", str(tmp_path / "ft")])
     assert result["steps"] == 2 and math.isfinite(result["first_loss"]) and math.isfinite(result["last_loss"])
     assert 0 <= result["acc1"] <= 100
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grn_gradient_is_finite_where_a_channel_is_all_zero(dtype):
+    """GELU zeroes a channel at every site (pre-activations below about -14): its norm is 0. The gradient must stay
+    finite there, as vector_norm's (a plain sqrt of the sum of squares gave NaN: 0 * inf), in the decoder's and the
+    fine-tuning model's GRN (autograd) and in the sparse backend's (a hand-written backward)."""
+    from models.backends.sparse import _GroupedGRN
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 3, 4)
+    x[0, ..., 1] = 0.0  # image 0, channel 1: zero everywhere
+    grn = Float32StatsGRN(4)
+    torch.nn.init.normal_(grn.weight)
+    torch.nn.init.normal_(grn.bias)
+    for fn, inp in ((grn, x), (lambda t: _GroupedGRN.apply(t, grn.weight, grn.bias), x.reshape(2, 9, 4))):
+        inp = inp.to(dtype).requires_grad_()
+        grn.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            fn(inp).float().square().sum().backward()
+        assert torch.isfinite(inp.grad).all() and torch.isfinite(grn.weight.grad).all()

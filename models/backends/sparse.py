@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..grn import GRN_EPS, gathered_norms, grn_apply, l2_norms, low_precision
+from ..grn import GRN_EPS, gathered_norms, grn_apply, low_precision, sums_of_squares
 from ..masking import split_cells
 from .dwconv import site_depthwise_conv
 from .params import downsample_as_linear, layer_norm, linear, run_block, stem_as_linear
@@ -134,7 +134,7 @@ class _GroupedGRN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        g = l2_norms(x, 1)  # float32 statistics for bf16/fp16 x under autocast
+        g = sums_of_squares(x, 1).sqrt()  # float32 statistics for bf16/fp16 x; no autograd here: g = 0 is safe
         m = g.mean(-1, keepdim=True) + GRN_EPS
         n = g / m
         ctx.save_for_backward(x, weight, g, m, n)
