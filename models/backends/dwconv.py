@@ -104,15 +104,19 @@ def float32_on_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and (low_precision(x) or torch.is_autocast_enabled("cpu"))
 
 
+def _apply(function, x, *args):
+    """function.apply(x, *args), in float32 with autocast off where float32_on_cpu(x)."""
+    if float32_on_cpu(x):
+        with torch.autocast("cpu", enabled=False):
+            return function.apply(x.float(), *args)
+    return function.apply(x, *args)
+
+
 def site_depthwise_conv(x, conv, sites):
     """`conv` (timm's depthwise nn.Conv2d, stride 1, 'same' padding) on the visible sites x (V, C) of `sites`
     (a sparse.SiteIndex)."""
     maps = None if torch.compiler.is_compiling() else sites.maps
-    args = (conv.weight, conv.bias, sites.flat, sites.shape, tuple(conv.padding), maps)
-    if float32_on_cpu(x):
-        with torch.autocast("cpu", enabled=False):
-            return _SiteDepthwiseConv.apply(x.float(), *args)
-    return _SiteDepthwiseConv.apply(x, *args)
+    return _apply(_SiteDepthwiseConv, x, conv.weight, conv.bias, sites.flat, sites.shape, tuple(conv.padding), maps)
 
 
 class _DepthwiseConv(torch.autograd.Function):
@@ -145,10 +149,7 @@ class CPUDepthwiseConv2d(nn.Conv2d):
     def forward(self, x):
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
-        if float32_on_cpu(x):
-            with torch.autocast("cpu", enabled=False):
-                return _DepthwiseConv.apply(x.float(), self.weight, self.bias, tuple(self.padding))
-        return _DepthwiseConv.apply(x, self.weight, self.bias, tuple(self.padding))
+        return _apply(_DepthwiseConv, x, self.weight, self.bias, tuple(self.padding))
 
 
 def use_cpu_depthwise_conv(model: nn.Module) -> nn.Module:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..grn import low_precision
+
 
 def linear(x, layer):
     return F.linear(x, layer.weight.flatten(1), layer.bias)
@@ -17,7 +19,7 @@ def layer_norm(x, norm):
     bf16/fp16 x is normalised in float32 (output float32; the next linear layer casts it under autocast): the
     reduced-precision kernels are slower there at few channels (38912 x 40, forward + backward: 8.9 ms against
     4.8 ms with the casts)."""
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+    if x.device.type == "cpu" and low_precision(x):
         x = x.float()
     return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
 
