@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="ConvNeXt V2 FCMAE self-supervised pretraining with sparse, dense and MinkowskiEngine backends",
     python_requires=">=3.10",
-    packages=find_packages(include=["fcmae", "fcmae.*", "finetune", "finetune.*", "models", "models.*", "tools", "tools.*"]),
+    packages=find_packages(include=["fcmae", "fcmae.*", "finetune", "finetune.*", "models", "models.*"]),
     include_package_data=True,
     install_requires=[
         "torch==2.14.1",
@@ -28,11 +28,13 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "fcmae-pretrain=fcmae.pretrain:cli",
-            "fcmae-finetune=finetune.__main__:main",
-            "fcmae-convert=tools.convert:main",
-            "fcmae-visualize=tools.visualize:main",
-            "fcmae-knn=tools.knn_eval:main",
+            "fcmae-pretrain=fcmae.pretrain.cli:cli",
+            "fcmae-finetune=finetune.cli:main",
+            "fcmae-convert=fcmae.tools.convert:main",
+            "fcmae-make-shards=fcmae.tools.make_shards:main",
+            "fcmae-data-stats=fcmae.tools.data_stats:main",
+            "fcmae-visualize=fcmae.tools.visualize:main",
+            "fcmae-knn=fcmae.tools.knn_eval:main",
         ]
     },
 )

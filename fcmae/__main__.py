@@ -1,3 +1,3 @@
-from .pretrain import cli
+from fcmae.pretrain.cli import cli
 
 cli()

@@ -3,8 +3,9 @@ import timm
 import torch
 from timm.layers import trunc_normal_
 
-from fcmae.errors import CheckpointError
-from models.convert import load_into_timm, to_timm
+from fcmae.runtime.errors import CheckpointError
+from fcmae.runtime.weights import checkpoint_errors
+from models.convert import load_into_timm
 from models.grn import use_float32_grn_stats
 
 HEAD_INIT_SCALE = 0.001  # reference: head weights drawn with std 0.02, then scaled by 0.001 (std 2e-5)
@@ -23,17 +24,13 @@ def reset_head(model: torch.nn.Module):
     torch.nn.init.zeros_(model.head.fc.bias)
 
 
-def read_pretrained(path: str, model_name=None):
-    """(model name, timm state dict) of a checkpoint in any supported layout; the decoder is dropped by the loader."""
-    return to_timm(path, model_name=model_name)
-
-
 def init_from_pretrained(model: torch.nn.Module, state_dict: dict, keep_head: bool):
     """Strict about the encoder (every stem/stage tensor must be present and match). With keep_head the whole
     head comes from the checkpoint; otherwise only head.fc is re-initialised (std 2e-5) and a final norm the
     checkpoint has (head.norm: a fine-tuned or released classifier) is kept, as the reference does. A checkpoint
     without one (FCMAE pretraining: no final norm) leaves timm's (1, 0)."""
-    load_into_timm(model, state_dict, keep_head=keep_head)
+    with checkpoint_errors():
+        load_into_timm(model, state_dict, keep_head=keep_head)
     if not keep_head:
         load_final_norm(model, state_dict)
         reset_head(model)

@@ -6,15 +6,36 @@ Defaults are the reference convnextv2_atto recipe; configs/finetune/<model>.yaml
 import argparse
 import os
 
-from fcmae.cli import check_writable_dir
-from fcmae.errors import UsageError
-from fcmae.options import (ArgParser, Bool, Float, Int, Str, add, add_data_loading_options, add_model_input_options,
-                           add_optimisation_options, add_run_options, check_all, input_size, parse_with_config)
-from finetune.layer_decay import LAYER_DECAY_TYPES
+from fcmae.runtime.cli import check_writable_dir
+from fcmae.runtime.errors import UsageError
+from fcmae.runtime.options import (
+    RUN_ONLY,
+    ArgParser,
+    Bool,
+    Float,
+    Int,
+    Str,
+    add,
+    add_data_loading_options,
+    add_model_input_options,
+    add_optimisation_options,
+    add_run_options,
+    check_all,
+    input_size,
+    parse_with_config,
+)
+from fcmae.runtime.run_start import StartRules
 from models import VARIANTS
 from models.variants import get_variant
 
+from .layer_decay import LAYER_DECAY_TYPES
+
 DEFAULT_MODEL = "convnextv2_atto"
+FORMAT = "fcmae-finetune"
+START_RULES = StartRules(
+    format=FORMAT, what="a fine-tuning checkpoint (start from it with --finetune instead)",
+    fixed=("model", "in_chans", "nb_classes", "encoder_grn"),  # they shape the model
+    run_only=RUN_ONLY | {"eval", "finetune", "eval_every_epochs"})
 
 # --linear-probe: the encoder is frozen, so what regularises fine-tuning (layer decay, mixup/cutmix, RandAugment,
 # random erasing, drop-path, label smoothing, weight decay, EMA) is off; AdamW on the LayerNorm + Linear head at

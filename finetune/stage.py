@@ -1,4 +1,4 @@
-"""The fine-tuning stage for the shared loop (fcmae/loop.py): mixup and drop-path seeded per step, the EMA,
+"""The fine-tuning stage for the shared loop (fcmae.runtime.loop): mixup and drop-path seeded per step, the EMA,
 evaluation every --eval-every-epochs epochs with summary.csv, TensorBoard and checkpoint-best.pth."""
 import logging
 import os
@@ -7,15 +7,16 @@ import random
 import numpy as np
 import torch
 
-from fcmae import checkpoint as ckpt
-from fcmae.images import BadImageMonitor
-from fcmae.loop import Loop, Stage
+from fcmae.data.bad_samples import BadImageMonitor
+from fcmae.runtime import checkpoints as ckpt
+from fcmae.runtime.loop import Loop, Stage
 
-from .engine import evaluate, mix
+from .evaluation import evaluate
+from .loss import mix
+from .options import FORMAT
 from .report import final_metrics, log_scalars, summary_csv, summary_row
 
 log = logging.getLogger("fcmae")
-FORMAT = "fcmae-finetune"
 
 
 def seed_all(*key: int):
@@ -29,14 +30,13 @@ def seed_all(*key: int):
 class FinetuneStage(Stage):
     format = FORMAT
 
-    def __init__(self, model, net, ema, mixup_fn, train_set, val_set, val_loader, device, amp: str, seed: int,
-                 rank: int, eval_every_epochs: int, ema_eval: bool, classes, output_dir: str, is_main: bool,
-                 description: str = ""):
-        self.model, self.net, self.ema, self.mixup_fn = model, net, ema, mixup_fn
-        self.val_loader, self.device, self.amp = val_loader, device, amp
+    def __init__(self, *, model, net, ema, mixup_fn, data, val_loader, seed: int, rank: int,
+                 eval_every_epochs: int, ema_eval: bool, description: str = ""):
+        """`data`: the labelled sets (fcmae.data.labelled.Datasets); `val_loader` reads data.val."""
+        self.model, self.net, self.ema, self.mixup_fn, self.val_loader = model, net, ema, mixup_fn, val_loader
         self.seed, self.rank, self.eval_every, self.ema_eval = seed, rank, eval_every_epochs, ema_eval
-        self.classes, self.output_dir, self.is_main = list(classes), output_dir, is_main
-        self.bad_images = BadImageMonitor(train_set, val_set)
+        self.classes = list(data.classes)
+        self.bad_images = BadImageMonitor(data.train, data.val)
         self.description = description
         self.rows, self.best = [], {"acc1": None, "source": None, "step": None}
 
@@ -60,11 +60,12 @@ class FinetuneStage(Stage):
         epochs_done = loop.epoch_number()
         if not (last or (epoch_end and epochs_done % self.eval_every == 0)):
             return
-        stats = evaluate(self.model, self.val_loader, self.device, self.amp)
-        ema_stats = evaluate(self.ema.module, self.val_loader, self.device, self.amp) \
+        device, amp, output_dir = loop.device, loop.settings.amp, loop.settings.output_dir
+        stats = evaluate(self.model, self.val_loader, device, amp)
+        ema_stats = evaluate(self.ema.module, self.val_loader, device, amp) \
             if self.ema is not None and self.ema_eval else None
         self.bad_images.poll()  # too many unreadable val files: stop before the results are saved
-        epoch = (loop.step - 1) // loop.cfg.steps_per_epoch
+        epoch = (loop.step - 1) // loop.settings.steps_per_epoch
         log.info("epoch %d step %d: top-1 %.3f top-5 %.3f val loss %.4f%s", epoch, loop.step, stats["acc1"],
                  stats["acc5"], stats["loss"], f" EMA top-1 {ema_stats['acc1']:.3f}" if ema_stats else "")
         row = summary_row(epoch, loop.step, loop.history.take_window(), stats, ema_stats)
@@ -75,9 +76,9 @@ class FinetuneStage(Stage):
         acc, source = (ema_acc, "ema") if ema_acc is not None and ema_acc > row["acc1"] else (row["acc1"], "model")
         if self.best["acc1"] is None or acc > self.best["acc1"]:
             self.best = {"acc1": acc, "source": source, "step": loop.step}
-            loop.save(os.path.join(self.output_dir, "checkpoint-best.pth"))
-        if self.is_main:
-            ckpt.write_text_or_stop(os.path.join(self.output_dir, "summary.csv"), summary_csv(self.rows))
+            loop.save(os.path.join(output_dir, "checkpoint-best.pth"))
+        if loop.dist.is_main:
+            ckpt.write_text_or_stop(os.path.join(output_dir, "summary.csv"), summary_csv(self.rows))
 
     def state(self) -> dict:
         return {"model_ema": self.ema.module.state_dict() if self.ema is not None else None, "best": self.best,

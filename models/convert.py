@@ -12,29 +12,29 @@ decoder's `pred` (32*32*C, decoder_dim, 1, 1), outputs ordered (p, q, channel); 
 (`in_chans_of`), and `adapt_in_chans` turns an RGB checkpoint into a C-channel one (see there).
 
 Loading is strict: every key of the table must be present with exactly the expected shape and nothing
-may be left over; problems raise `CheckpointError` with a one-line message naming the keys
+may be left over; problems raise `ConversionError` with a one-line message naming the keys
 (the reference loader only printed them, and users lost runs to silently unloaded GRN weights).
-Files are read with `torch.load(..., weights_only=True)` or safetensors: nothing is ever unpickled
-that could run code.
+Pure functions of state dicts and containers: reading and writing files is the callers' job (the CLIs read
+with fcmae.runtime.checkpoint_file, which never unpickles code, and turn a ConversionError into their one-line
+error through fcmae.runtime.weights).
 """
 import functools
-import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
-from safetensors.torch import save_file as save_safetensors
 from timm.models import adapt_input_conv
-
-from fcmae.checkpoint_file import HF_WEIGHTS, read_checkpoint
-from fcmae.errors import CheckpointError
 
 from .fcmae import create_fcmae
 from .me_layout import conv_kernel, conv_weight, depthwise_kernel, depthwise_weight
 from .variants import Variant, get_variant, variant_from_dims
+
+
+class ConversionError(ValueError):
+    """Weights that do not fit a layout or a model: the message is one line naming the keys or shapes."""
+
 
 PRETRAIN_FORMAT = "fcmae-pretrain"  # {"format", "model_name", "model": FCMAE.state_dict(), ...}
 FINETUNE_FORMAT = "fcmae-finetune"  # {"format", "model_name", "model": timm state dict, "model_ema"?: ..., ...}
@@ -49,10 +49,10 @@ TARGETS = ("ours", "timm", "hf", "reference")
 def state_dict_of(obj, use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """The state dict inside a container (`model`, `model_ema` with use_ema, `state_dict`), or obj itself."""
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+        raise ConversionError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
     if use_ema:
         if not isinstance(obj.get("model_ema"), dict):
-            raise CheckpointError("checkpoint has no model_ema weights (drop --ema / use_ema)")
+            raise ConversionError("checkpoint has no model_ema weights (drop --ema / use_ema)")
         sd = obj["model_ema"]
     elif isinstance(obj.get("model"), dict):
         sd = obj["model"]
@@ -62,9 +62,9 @@ def state_dict_of(obj, use_ema: bool = False) -> Dict[str, torch.Tensor]:
         sd = obj
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"no state dict found: non-tensor entries {_short(bad)} (top-level keys: {_short(list(obj))})")
+        raise ConversionError(f"no state dict found: non-tensor entries {_short(bad)} (top-level keys: {_short(list(obj))})")
     if not sd:
-        raise CheckpointError("checkpoint holds an empty state dict")
+        raise ConversionError("checkpoint holds an empty state dict")
     return sd
 
 
@@ -94,21 +94,21 @@ def _layout_of_keys(sd) -> str:
                 break
     if len(found) > 1:
         parts = [f"{len(keys)} {layout} keys (e.g. {keys[0]})" for layout, keys in found.items()]
-        raise CheckpointError(f"mixed checkpoint layouts: {' and '.join(parts)}")
+        raise ConversionError(f"mixed checkpoint layouts: {' and '.join(parts)}")
     if not found:
-        raise CheckpointError(f"no ConvNeXt V2 weights found (keys: {_short(list(sd))})")
+        raise ConversionError(f"no ConvNeXt V2 weights found (keys: {_short(list(sd))})")
     return next(iter(found))
 
 
 def detect_layout(obj, use_ema: bool = False) -> str:
-    """One of LAYOUTS for a container or a state dict; raises CheckpointError for mixed or unknown keys."""
+    """One of LAYOUTS for a container or a state dict; raises ConversionError for mixed or unknown keys."""
     fmt = obj.get("format") if isinstance(obj, dict) and isinstance(obj.get("format"), str) else None
     layout = _layout_of_keys(state_dict_of(obj, use_ema))
     expected = {PRETRAIN_FORMAT: "ours-pretrain", FINETUNE_FORMAT: "timm", None: layout}
     if fmt not in expected:
-        raise CheckpointError(f"unknown checkpoint format {fmt!r} (expected {PRETRAIN_FORMAT} or {FINETUNE_FORMAT})")
+        raise ConversionError(f"unknown checkpoint format {fmt!r} (expected {PRETRAIN_FORMAT} or {FINETUNE_FORMAT})")
     if layout != expected[fmt]:
-        raise CheckpointError(f"checkpoint says format {fmt!r} but its weights are in the {layout} layout")
+        raise ConversionError(f"checkpoint says format {fmt!r} but its weights are in the {layout} layout")
     return "ours-finetune" if fmt == FINETUNE_FORMAT else layout
 
 
@@ -302,10 +302,8 @@ def _stem_channels(sd, layout: str) -> Optional[int]:
 
 
 def in_chans_of(obj, use_ema: bool = False) -> int:
-    """The number of input channels C a checkpoint holds (its stem conv is (dims[0], C, 4, 4)): a path, a
-    container, a state dict in any layout, or a canonical / timm state dict (from to_timm / to_canonical)."""
-    if isinstance(obj, (str, os.PathLike)):
-        obj = read_checkpoint(obj)
+    """The number of input channels C a checkpoint holds (its stem conv is (dims[0], C, 4, 4)): a container, a
+    state dict in any layout, or a canonical / timm state dict (from to_timm / to_canonical)."""
     sd = state_dict_of(obj, use_ema)
     if isinstance(sd.get("stem.0.weight"), torch.Tensor):  # canonical (which may hold a decoder) or timm
         layout = "timm"
@@ -315,7 +313,7 @@ def in_chans_of(obj, use_ema: bool = False) -> int:
         sd = _strip_hf_prefix(sd) if layout == "hf" else sd
     found = _stem_channels(sd, layout)
     if found is None:
-        raise CheckpointError(f"{layout} checkpoint has no stem conv weight {_stem_key(layout)} shaped (C0, C, 4, 4)")
+        raise ConversionError(f"{layout} checkpoint has no stem conv weight {_stem_key(layout)} shaped (C0, C, 4, 4)")
     return found
 
 
@@ -367,7 +365,7 @@ def to_canonical(obj, model_name: Optional[str] = None, use_ema: bool = False) -
         shapes["head.fc.bias"] = shapes["head.fc.weight"][:1]
     out = _read_rows(sd, rows, shapes, f"{layout} checkpoint of {variant.name}")
     if "head.fc.weight" in out and "head.norm.weight" not in out:
-        raise CheckpointError("checkpoint has a classifier but no final norm (head.norm)")
+        raise ConversionError("checkpoint has a classifier but no final norm (head.norm)")
     return variant.name, layout, out
 
 
@@ -377,12 +375,12 @@ def _resolve_variant(sd, layout: str, model_name: Optional[str]) -> Variant:
         try:
             wanted = get_variant(model_name)
         except ValueError as e:
-            raise CheckpointError(str(e)) from None
+            raise ConversionError(str(e)) from None
     found = _infer_variant(sd, layout)
     if wanted and found and wanted != found:
-        raise CheckpointError(f"checkpoint holds {_describe(found)}, not {wanted.name}")
+        raise ConversionError(f"checkpoint holds {_describe(found)}, not {wanted.name}")
     if not (wanted or found):
-        raise CheckpointError(f"cannot infer the ConvNeXt V2 variant of this {layout} checkpoint from its shapes; "
+        raise ConversionError(f"cannot infer the ConvNeXt V2 variant of this {layout} checkpoint from its shapes; "
                               "pass --model (model_name)")
     return wanted or found
 
@@ -392,10 +390,10 @@ def _check_hf_config(config: Optional[dict], variant: Variant, in_chans: int):
         return
     if (list(config.get("depths", [])) != list(variant.depths)
             or list(config.get("hidden_sizes", [])) != list(variant.dims)):
-        raise CheckpointError(f"config.json says depths {config.get('depths')}, hidden_sizes "
+        raise ConversionError(f"config.json says depths {config.get('depths')}, hidden_sizes "
                               f"{config.get('hidden_sizes')}, but the weights are {_describe(variant)}")
     if config.get("num_channels", 3) != in_chans:  # transformers' default is 3
-        raise CheckpointError(f"config.json says num_channels {config.get('num_channels', 3)}, but the stem weights "
+        raise ConversionError(f"config.json says num_channels {config.get('num_channels', 3)}, but the stem weights "
                               f"take {in_chans} input channels")
 
 
@@ -431,7 +429,7 @@ def _strip_hf_prefix(sd):
         return sd
     bare = [k for k in sd if not k.startswith(p) and not k.startswith("classifier.")]
     if bare:
-        raise CheckpointError(f"mixed Hugging Face keys with and without the {p} prefix (e.g. {bare[0]})")
+        raise ConversionError(f"mixed Hugging Face keys with and without the {p} prefix (e.g. {bare[0]})")
     return {k[len(p):] if k.startswith(p) else k: v for k, v in sd.items()}
 
 
@@ -445,7 +443,7 @@ def _raise_problems(what: str, missing, unexpected, mismatched):
         if keys:
             parts.append(f"{label} ({len(keys)}): {_short(keys)}")
     if parts:
-        raise CheckpointError(f"{what} does not fit: " + "; ".join(parts))
+        raise ConversionError(f"{what} does not fit: " + "; ".join(parts))
 
 
 def _short(keys, limit: int = 6) -> str:
@@ -462,7 +460,7 @@ def _is_head(key: str) -> bool:
     return key.startswith("head.")
 
 
-def _has_decoder(state) -> bool:
+def has_decoder(state) -> bool:
     return "mask_token" in state
 
 
@@ -497,11 +495,11 @@ def from_canonical(model_name: str, state, to: str):
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; valid targets: {', '.join(TARGETS)}")
     if to == "ours":
-        return _write(state, "ours-pretrain", model_name) if _has_decoder(state) else _timm_part(state)
+        return _write(state, "ours-pretrain", model_name) if has_decoder(state) else _timm_part(state)
     if to == "timm":
         return _timm_part(state)
     if to == "reference":
-        if _has_decoder(state):
+        if has_decoder(state):
             return _write(state, "reference-minkowski", model_name)
         return _write(state, "reference-dense", model_name)
     state = _timm_part(state)
@@ -519,45 +517,14 @@ def from_canonical(model_name: str, state, to: str):
 
 
 def convert(obj, to: str, model_name: Optional[str] = None, use_ema: bool = False, in_chans: Optional[int] = None):
-    """Any supported input (container, state dict or path) -> the `to` layout (see from_canonical);
+    """Any supported input (container or state dict) -> the `to` layout (see from_canonical);
     with in_chans, an RGB checkpoint is adapted to that many input channels first (adapt_in_chans)."""
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; valid targets: {', '.join(TARGETS)}")
-    if isinstance(obj, (str, os.PathLike)):
-        obj = read_checkpoint(obj)
     name, _, state = to_canonical(obj, model_name, use_ema)
     if in_chans is not None:
         state = adapt_in_chans(state, in_chans)
     return from_canonical(name, state, to)
-
-
-def save_converted(model_name: str, state, to: str, output) -> str:
-    """Write the canonical state dict as `to` at `output`; returns a short description of what was written.
-
-    ours -> torch.save of {"format", "model_name", "model"}; timm -> safetensors when `output` ends in
-    .safetensors, else torch.save; hf -> a directory with config.json + model.safetensors;
-    reference -> torch.save({"model": ...}) like the reference code's checkpoints."""
-    output = os.fspath(output)
-    result = from_canonical(model_name, state, to)
-    if to == "hf":
-        config, sd = result
-        os.makedirs(output, exist_ok=True)
-        with open(os.path.join(output, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        save_safetensors(sd, os.path.join(output, HF_WEIGHTS), metadata={"format": "pt"})
-        return f"{config['architectures'][0]} directory"
-    if to == "ours":
-        fmt = PRETRAIN_FORMAT if _has_decoder(state) else FINETUNE_FORMAT
-        torch.save({"format": fmt, "model_name": model_name, "model": result}, output)
-        return fmt
-    if to == "timm" and output.endswith(".safetensors"):
-        save_safetensors(result, output, metadata={"format": "pt"})
-        return "timm safetensors"
-    if to == "timm":
-        torch.save(result, output)
-        return "timm state dict"
-    torch.save({"model": result}, output)
-    return "reference MinkowskiEngine pretraining layout" if _has_decoder(state) else "reference dense layout"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -574,14 +541,14 @@ def adapt_in_chans(state, in_chans: int) -> Dict[str, torch.Tensor]:
     channel c % 3; for C = 1 the mean of the three RGB rows, so on a grey image the adapted FCMAE predicts
     the mean over R, G, B of what the RGB model predicts on the image replicated to RGB (up to rounding).
     Everything else is unchanged. Same C as the checkpoint: returned as is (a no-op);
-    a checkpoint that is not RGB (C != 3) cannot be adapted: CheckpointError."""
+    a checkpoint that is not RGB (C != 3) cannot be adapted: ConversionError."""
     if in_chans < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
     have = in_chans_of(state)
     if have == in_chans:
         return state
     if have != 3:
-        raise CheckpointError(f"the checkpoint takes {have} input channels; only RGB (3-channel) checkpoints can be "
+        raise ConversionError(f"the checkpoint takes {have} input channels; only RGB (3-channel) checkpoints can be "
                               f"adapted to {in_chans}")
     out = dict(state)
     out["stem.0.weight"] = adapt_input_conv(in_chans, state["stem.0.weight"]).contiguous()
@@ -606,12 +573,10 @@ def _adapt_pred(t: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 def to_timm(obj, model_name: Optional[str] = None, use_ema: bool = False) -> Tuple[str, Dict[str, torch.Tensor]]:
-    """The single loader for fine-tuning / evaluation: any supported input (checkpoint path, Hugging Face
-    directory, container or state dict) -> (model_name, timm state dict): encoder, plus head.* when the
-    source has a head; a decoder is dropped. Raises CheckpointError when model_name is given and the
-    checkpoint holds another variant. Build the model with `in_chans=in_chans_of(state_dict)`."""
-    if isinstance(obj, (str, os.PathLike)):
-        obj = read_checkpoint(obj)
+    """The single loader for fine-tuning / evaluation: any supported input (a container as read from a
+    checkpoint file or Hugging Face directory, or a state dict) -> (model_name, timm state dict): encoder, plus
+    head.* when the source has a head; a decoder is dropped. Raises ConversionError when model_name is given and
+    the checkpoint holds another variant. Build the model with `in_chans=in_chans_of(state_dict)`."""
     name, _, state = to_canonical(obj, model_name, use_ema)
     return name, _timm_part(state)
 
@@ -623,13 +588,13 @@ def load_into_timm(model: torch.nn.Module, timm_state_dict, keep_head: bool = Fa
     own = model.state_dict()
     mine, theirs = _infer_variant(own, "timm"), _infer_variant(timm_state_dict, "timm")
     if mine and theirs and mine != theirs:
-        raise CheckpointError(f"checkpoint holds {_describe(theirs)}, but the model is {mine.name}")
+        raise ConversionError(f"checkpoint holds {_describe(theirs)}, but the model is {mine.name}")
     stem = timm_state_dict.get("stem.0.weight")
     if stem is not None and stem.dim() == 4 and stem.shape[1] != own["stem.0.weight"].shape[1]:
         have, want = stem.shape[1], own["stem.0.weight"].shape[1]
-        fix = (f"adapt it with `python -m tools.convert IN OUT --to ours --in-chans {want}`" if have == 3
+        fix = (f"adapt it with `python -m fcmae.tools.convert IN OUT --to ours --in-chans {want}`" if have == 3
                else "only RGB checkpoints can be adapted")
-        raise CheckpointError(f"the checkpoint takes {have} input channels but the model {want}; {fix}")
+        raise ConversionError(f"the checkpoint takes {have} input channels but the model {want}; {fix}")
     wanted = [k for k in own if keep_head or not _is_head(k)]
     given = {k: v for k, v in timm_state_dict.items() if keep_head or not _is_head(k)}
     missing = [k for k in wanted if k not in given]
@@ -642,8 +607,8 @@ def load_into_timm(model: torch.nn.Module, timm_state_dict, keep_head: bool = Fa
         hint = ""
     try:
         _raise_problems("checkpoint", missing, unexpected, mismatched)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}{hint}") from None
+    except ConversionError as e:
+        raise ConversionError(f"{e}{hint}") from None
     result = model.load_state_dict(given, strict=False)
     left = [k for k in own if k not in given]
     assert sorted(result.missing_keys) == sorted(left) and not result.unexpected_keys, result

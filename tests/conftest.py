@@ -63,7 +63,7 @@ def one_thread():
 def pretrain_run(tmp_path_factory):
     """(output dir, checkpoint) of the pretraining CLI: 2 steps without warm-up, so Adam's first steps move every
     tensor (GRN included) by about the lr away from its initial value."""
-    from fcmae.pretrain import main as pretrain
+    from fcmae.pretrain.cli import main as pretrain
 
     out = tmp_path_factory.mktemp("pretrain")
     pretrain(["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "8", "--max-steps", "2",

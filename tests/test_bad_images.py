@@ -12,10 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae import images
-from fcmae.data import DataError, pretrain_transform
-from fcmae.images import MEAN_RGB, BadImageMonitor, ImageFiles, load_rgb, to_rgb
-from fcmae.sampling import EpochSampler
+from fcmae.data import decode
+from fcmae.data.bad_samples import BadImageMonitor
+from fcmae.data.decode import MEAN_RGB, load_rgb, to_rgb
+from fcmae.data.folders import ImageFiles
+from fcmae.runtime.errors import DataError
+from fcmae.data.sampling import EpochSampler
+from fcmae.data.transforms import pretrain_transform
 
 RNG = np.random.default_rng(0)
 N = 30  # files in the zoo
@@ -180,12 +183,12 @@ def test_vanished_file_and_pixel_limit(tmp_path, zoo, monkeypatch):
     ds = ImageFiles(str(tmp_path), max_bad_fraction=0.5)
     (tmp_path / "b.png").unlink()  # removed after listing
     assert ds[1][0].getpixel((0, 0)) == (ord("c"), 0, 0) and "file not found" in ds.problem(1)
-    monkeypatch.setattr(images, "MAX_PIXELS", 1_000_000)
+    monkeypatch.setattr(decode, "MAX_PIXELS", 1_000_000)
     assert "2048x1536 = 3145728 pixels, over the limit of 1000000" in ImageFiles(str(zoo)).problem(23)
 
 
 def test_tiny_images_through_the_transforms(zoo):
-    from finetune.data import eval_transform, train_transform
+    from fcmae.data.transforms import eval_transform, train_transform
 
     for name in ["20_tiny.png", "21_tall.png", "24_wide.png"]:
         img = load_rgb(str(zoo / name))
@@ -225,7 +228,7 @@ PRETRAIN = ["--input-size", "64", "--batch-size", "2", "--epochs", "1", "--warmu
 
 
 def _pretrain(zoo, out, *extra):
-    from fcmae.pretrain import cli
+    from fcmae.pretrain.cli import cli
 
     with pytest.raises(SystemExit) as e:
         cli(PRETRAIN + ["--data-path", str(zoo), "--output-dir", str(out)] + list(extra))
@@ -305,7 +308,7 @@ def test_worker_processes_mark_bad_files_for_the_main_process(zoo, padded, tmp_p
 
 
 def test_finetune_with_a_bad_file_in_train_and_val(tmp_path, capsys):
-    from finetune.__main__ import main
+    from finetune.cli import main
 
     root = tmp_path / "data"
     for split, n in [("train", 4), ("val", 2)]:

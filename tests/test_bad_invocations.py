@@ -18,10 +18,11 @@ import torch
 import yaml
 from PIL import Image
 
-from fcmae.cli import run_cli
-from fcmae.pretrain import main as pretrain_main
-from finetune.__main__ import run as finetune_run
-from tools import bench_memory, benchmark, convert, data_stats, feature_diversity, knn_eval, make_shards, visualize
+from fcmae.pretrain.cli import main as pretrain_main
+from fcmae.runtime.cli import run_cli
+from finetune.cli import run as finetune_run
+from fcmae.tools import convert, data_stats, knn_eval, make_shards, visualize
+from tools import bench_memory, benchmark, feature_diversity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,13 +39,13 @@ def _code(fn, argv):
 CLIS = {  # name: (in-process call returning the exit code, module for `python -m`)
     "pretrain": (lambda argv: run_cli(pretrain_main, argv), "fcmae.pretrain"),
     "finetune": (lambda argv: run_cli(finetune_run, argv), "finetune"),
-    "knn_eval": (lambda argv: run_cli(knn_eval.run, argv), "tools.knn_eval"),
-    "visualize": (lambda argv: run_cli(visualize.run, argv), "tools.visualize"),
-    "convert": (convert.main, "tools.convert"),
+    "knn_eval": (lambda argv: run_cli(knn_eval.run, argv), "fcmae.tools.knn_eval"),
+    "visualize": (lambda argv: run_cli(visualize.run, argv), "fcmae.tools.visualize"),
+    "convert": (convert.main, "fcmae.tools.convert"),
     "benchmark": (lambda argv: run_cli(benchmark.run_benchmark, argv), "tools.benchmark"),
     "bench_memory": (bench_memory.main, "tools.bench_memory"),
-    "data_stats": (lambda argv: run_cli(data_stats.run, argv), "tools.data_stats"),
-    "make_shards": (lambda argv: run_cli(make_shards.run, argv), "tools.make_shards"),
+    "data_stats": (lambda argv: run_cli(data_stats.run, argv), "fcmae.tools.data_stats"),
+    "make_shards": (lambda argv: run_cli(make_shards.run, argv), "fcmae.tools.make_shards"),
     "feature_diversity": (lambda argv: run_cli(feature_diversity.run, argv), "tools.feature_diversity"),
 }
 

@@ -2,7 +2,7 @@
 and bad invocations are one line with exit code 2."""
 import json
 
-from fcmae.cli import run_cli
+from fcmae.runtime.cli import run_cli
 from tools.bench_loader import make_jpegs, run
 
 

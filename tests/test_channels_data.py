@@ -1,4 +1,4 @@
-"""Data that is not 8-bit RGB (fcmae/images.py, fcmae/data.py, finetune/data.py, tools/data_stats.py): multi-band
+"""Data that is not 8-bit RGB (fcmae/images.py, fcmae/data.py, finetune/data.py, fcmae/tools/data_stats.py): multi-band
 16-bit TIFF tiles, 13-band .npy arrays, 16-bit grey PNG slices and float32 TIFFs decode to their exact values in
 float32 (no 8-bit step), wrong band counts and NaN pixels are bad files, the transforms keep C channels and the
 right dtype, 8-bit RGB normalised on the device is bit for bit the former pipeline, and data_stats agrees with
@@ -14,11 +14,22 @@ import yaml
 from PIL import Image
 from torchvision import transforms
 
-from fcmae.data import (GREY_MEAN, GREY_STD, HIGH_BIT_DEPTH, IMAGENET_MEAN, IMAGENET_STD, FashionMNIST, Normalizer,
-                        UsageError, normalize, pretrain_transform, resolve_mean_std)
-from fcmae.errors import DataError
-from fcmae.images import BadImageMonitor, ImageFiles, decode, kind_of, load, load_rgb
-from finetune.data import build_datasets, check_channel_options, eval_transform, train_transform
+from fcmae.data.bad_samples import BadImageMonitor
+from fcmae.data.decode import decode, kind_of, load, load_rgb
+from fcmae.data.fashion_mnist import FashionMNIST
+from fcmae.data.folders import ImageFiles
+from fcmae.data.labelled import build_datasets
+from fcmae.data.normalization import (
+    GREY_MEAN,
+    GREY_STD,
+    HIGH_BIT_DEPTH,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    normalize,
+    resolve_mean_std,
+)
+from fcmae.data.transforms import check_channel_options, eval_transform, pretrain_transform, train_transform
+from fcmae.runtime.errors import DataError, UsageError
 
 RNG = np.random.default_rng(1)
 H, W = 40, 56
@@ -179,8 +190,8 @@ def test_8bit_rgb_decodes_as_before(tmp_path):
 
 
 def test_unreadable_kinds_are_described(tmp_path, monkeypatch):
-    from fcmae import images
-    from fcmae.images import describe
+    from fcmae.data import decode
+    from fcmae.data.decode import describe
 
     (tmp_path / "empty.tif").write_bytes(b"")
     (tmp_path / "empty.npy").write_bytes(b"")
@@ -197,7 +208,7 @@ def test_unreadable_kinds_are_described(tmp_path, monkeypatch):
     rgb8 = tmp_path / "rgb8.tif"
     Image.new("RGB", (6, 4), (1, 2, 3)).save(rgb8)
     tifffile.imwrite(tmp_path / "four.tif", tile16(4, 6, 4), photometric="minisblack", planarconfig="contig")
-    monkeypatch.setattr(images, "tifffile", None)  # without tifffile: TIFFs are PIL's, as before
+    monkeypatch.setattr(decode, "tifffile", None)  # without tifffile: TIFFs are PIL's, as before
     assert load(str(rgb8), 3).getpixel((0, 0)) == (1, 2, 3)
     with pytest.raises(Exception):
         load(str(tmp_path / "four.tif"), 4)
@@ -323,9 +334,8 @@ def test_8bit_rgb_normalised_on_the_device_is_the_former_pipeline_bit_for_bit():
         assert torch.equal(normalize(out, IMAGENET_MEAN, IMAGENET_STD), expected[-1])
     batch, expected = torch.stack(batch), torch.stack(expected)
     assert torch.equal(normalize(batch, IMAGENET_MEAN, IMAGENET_STD), expected)  # (N, C, H, W) on the batch
-    assert torch.equal(Normalizer(IMAGENET_MEAN, IMAGENET_STD)(batch), expected)
     if torch.cuda.is_available():
-        gpu = Normalizer(IMAGENET_MEAN, IMAGENET_STD).cuda()(batch.cuda())
+        gpu = normalize(batch.cuda(), IMAGENET_MEAN, IMAGENET_STD)
         assert torch.equal(gpu.cpu(), expected)
 
 
@@ -359,7 +369,7 @@ def test_resolve_mean_std():
     assert resolve_mean_std(2, [100, 200], [5, 6.5]) == ((100.0, 200.0), (5.0, 6.5))
     errors = [
         ((4, None, None, None), r"^--in-chans 4 has no default normalisation: pass --mean and --std \(4 values each; "
-                                r"compute them with `python -m tools.data_stats FOLDER --in-chans 4`\)$"),
+                                r"compute them with `python -m fcmae.tools.data_stats FOLDER --in-chans 4`\)$"),
         ((1, None, None, HIGH_BIT_DEPTH), "16-bit or float values in their own units"),
         ((4, [0.5] * 3, [1] * 4, None), r"^--mean has 3 values but --in-chans is 4: give one per channel$"),
         ((1, [0.5], [1, 2], None), r"^--std has 2 values but --in-chans is 1"),
@@ -472,10 +482,10 @@ def test_high_bit_depth_grey_folder_needs_statistics(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# tools/data_stats.py
+# fcmae/tools/data_stats.py
 
 def test_data_stats_matches_numpy(tiles, tmp_path, capsys):
-    from tools.data_stats import channel_stats, main
+    from fcmae.tools.data_stats import channel_stats, main
 
     root, good = tiles
     pixels = np.concatenate([a.reshape(4, -1) for a in good.values()], axis=1)
@@ -507,7 +517,7 @@ def test_data_stats_matches_numpy(tiles, tmp_path, capsys):
 
 
 def test_data_stats_8bit_scaled_and_sampled(tmp_path):
-    from tools.data_stats import channel_stats
+    from fcmae.tools.data_stats import channel_stats
 
     photos = [RNG.integers(0, 256, (20 + 3 * i, 30, 3), dtype=np.uint8) for i in range(6)]
     for i, a in enumerate(photos):

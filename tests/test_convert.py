@@ -20,14 +20,40 @@ from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 
+from fcmae.runtime.checkpoint_file import read_checkpoint  # noqa: E402
+from fcmae.runtime.errors import CheckpointError  # noqa: E402
+from models import convert as conversions  # noqa: E402
 from models import create_fcmae  # noqa: E402
 from models.convert import (  # noqa: E402
-    FINETUNE_FORMAT, PRETRAIN_FORMAT, CheckpointError, adapt_in_chans, convert, detect_layout, in_chans_of,
-    load_into_timm, read_checkpoint, to_canonical, to_timm)
+    FINETUNE_FORMAT,
+    PRETRAIN_FORMAT,
+    ConversionError,
+    adapt_in_chans,
+    detect_layout,
+    load_into_timm,
+    to_canonical,
+)
 from models.me_layout import conv_weight, depthwise_weight  # noqa: E402
-from tools.convert import main  # noqa: E402
+from fcmae.tools.convert import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# models.convert is pure (state dicts and containers in, state dicts out); these read a path first, as the CLIs do
+def _read(source):
+    return read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+def to_timm(source, *args, **kwargs):
+    return conversions.to_timm(_read(source), *args, **kwargs)
+
+
+def convert(source, *args, **kwargs):
+    return conversions.convert(_read(source), *args, **kwargs)
+
+
+def in_chans_of(source, *args, **kwargs):
+    return conversions.in_chans_of(_read(source), *args, **kwargs)
 MODELS = ["convnextv2_atto", "convnextv2_tiny"]  # conv-MLP (1x1 conv fc) and Linear-MLP variants
 NUM_CLASSES = 10
 HEAD_KEYS = {"head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias"}
@@ -393,20 +419,20 @@ def test_to_timm_and_load_into_timm(sources, converted):
     left = load_into_timm(model, sd)  # head re-initialised: 10 classes in the checkpoint, 5 here
     assert set(left) == HEAD_KEYS
     assert torch.equal(model.state_dict()["stages.2.blocks.3.mlp.grn.weight"], sd["stages.2.blocks.3.mlp.grn.weight"])
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(2\): head\.fc\.weight \(10, 320\) vs model \(5, 320\)"):
+    with pytest.raises(ConversionError, match=r"shape mismatches \(2\): head\.fc\.weight \(10, 320\) vs model \(5, 320\)"):
         load_into_timm(model, sd, keep_head=True)
     model = built(timm.create_model, name, num_classes=NUM_CLASSES)
     assert load_into_timm(model, sd, keep_head=True) == []
     _, encoder_only = to_timm(sources[name]["pretrain"])
-    with pytest.raises(CheckpointError, match=r"missing keys \(4\): head\.norm\.weight"):
+    with pytest.raises(ConversionError, match=r"missing keys \(4\): head\.norm\.weight"):
         load_into_timm(model, encoder_only, keep_head=True)
     broken = {k: v for k, v in sd.items() if k != "stages.1.downsample.1.bias"}
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): stages\.1\.downsample\.1\.bias"):
+    with pytest.raises(ConversionError, match=r"missing keys \(1\): stages\.1\.downsample\.1\.bias"):
         load_into_timm(model, broken)
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): stages\.3\.blocks\.9\.norm\.weight"):
+    with pytest.raises(ConversionError, match=r"unexpected keys \(1\): stages\.3\.blocks\.9\.norm\.weight"):
         load_into_timm(model, {**sd, "stages.3.blocks.9.norm.weight": torch.ones(320)})
     tiny = built(timm.create_model, "convnextv2_tiny", num_classes=NUM_CLASSES)
-    with pytest.raises(CheckpointError, match="holds convnextv2_atto .* but the model is convnextv2_tiny"):
+    with pytest.raises(ConversionError, match="holds convnextv2_atto .* but the model is convnextv2_tiny"):
         load_into_timm(tiny, sd)
 
 
@@ -477,7 +503,7 @@ def test_bad_file_gives_one_line_error(tmp_path, sources, kind):
 
 def test_cli_error_is_one_line_exit_2_without_traceback(tmp_path, sources):
     path = make_bad(tmp_path, "exploit-torch-save", sources)
-    proc = subprocess.run([sys.executable, "-m", "tools.convert", str(path), str(tmp_path / "o.pth"), "--to", "timm"],
+    proc = subprocess.run([sys.executable, "-m", "fcmae.tools.convert", str(path), str(tmp_path / "o.pth"), "--to", "timm"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert re.fullmatch(r"error: .*refused to load: .*\n", proc.stderr), proc.stderr
@@ -495,7 +521,7 @@ def test_wrong_variant_for_model(sources, tmp_path, capsys):
     err = run_cli_error([sources["convnextv2_tiny"]["finetune"], tmp_path / "o.pth", "--to", "timm",
                          "--model", "convnextv2_atto"], capsys)
     assert "holds convnextv2_tiny (depths (3, 3, 9, 3), dims (96, 192, 384, 768)), not convnextv2_atto" in err
-    with pytest.raises(CheckpointError, match="holds convnextv2_tiny .*not convnextv2_atto"):
+    with pytest.raises(ConversionError, match="holds convnextv2_tiny .*not convnextv2_atto"):
         to_timm(sources["convnextv2_tiny"]["pretrain"], "convnextv2_atto")
     err = run_cli_error([sources["convnextv2_tiny"]["finetune"], tmp_path / "o.pth", "--to", "timm",
                          "--model", "convnextv2_tera"], capsys)
@@ -512,7 +538,7 @@ def test_mixed_layouts_are_an_error(sources, tmp_path, capsys):
     # our pretraining encoder with a reference decoder block
     fcmae = dict(sources["convnextv2_atto"]["fcmae"].state_dict())
     fcmae["decoder.0.dwconv.weight"] = fcmae.pop("decoder.0.conv_dw.weight")
-    with pytest.raises(CheckpointError, match="mixed checkpoint layouts: .*ours-pretrain.*reference-minkowski"):
+    with pytest.raises(ConversionError, match="mixed checkpoint layouts: .*ours-pretrain.*reference-minkowski"):
         convert(fcmae, "timm")
 
 
@@ -524,25 +550,25 @@ def test_missing_grn_tensors_are_an_error(sources, tmp_path, capsys):
     # in the reference layout too, and a single missing gamma
     me = reference_minkowski_from_ours(sources["convnextv2_atto"]["fcmae"].state_dict())
     del me["encoder.stages.2.4.grn.gamma"]
-    with pytest.raises(CheckpointError, match=r"missing GRN tensors \(1\): encoder\.stages\.2\.4\.grn\.gamma"):
+    with pytest.raises(ConversionError, match=r"missing GRN tensors \(1\): encoder\.stages\.2\.4\.grn\.gamma"):
         convert(me, "ours")
 
 
 def test_other_bad_contents(sources, tmp_path):
     sd = sources["convnextv2_atto"]["clf"].state_dict()
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): stages\.0\.blocks\.0\.extra"):
+    with pytest.raises(ConversionError, match=r"unexpected keys \(1\): stages\.0\.blocks\.0\.extra"):
         to_timm({**sd, "stages.0.blocks.0.extra": torch.ones(1)})
     bad = {**sd, "stages.1.blocks.0.mlp.fc1.weight": sd["stages.1.blocks.0.mlp.fc1.weight"].reshape(80, 320, 1, 1)}
-    with pytest.raises(CheckpointError, match=r"shape mismatches \(1\): stages\.1\.blocks\.0\.mlp\.fc1\.weight "
+    with pytest.raises(ConversionError, match=r"shape mismatches \(1\): stages\.1\.blocks\.0\.mlp\.fc1\.weight "
                                               r"\(80, 320, 1, 1\) vs expected \(320, 80, 1, 1\)"):
         to_timm(bad)
-    with pytest.raises(CheckpointError, match="no state dict found: non-tensor entries epoch"):
+    with pytest.raises(ConversionError, match="no state dict found: non-tensor entries epoch"):
         to_timm({"epoch": 3, "stem.0.weight": sd["stem.0.weight"]})
-    with pytest.raises(CheckpointError, match="no model_ema"):
+    with pytest.raises(ConversionError, match="no model_ema"):
         to_timm(sources["convnextv2_atto"]["pretrain"], use_ema=True)
-    with pytest.raises(CheckpointError, match=r"no ConvNeXt V2 weights found \(keys: fc\.weight"):
+    with pytest.raises(ConversionError, match=r"no ConvNeXt V2 weights found \(keys: fc\.weight"):
         to_timm({"fc.weight": torch.ones(2, 2)})
-    with pytest.raises(CheckpointError, match="format 'fcmae-pretrain' but its weights are in the timm layout"):
+    with pytest.raises(ConversionError, match="format 'fcmae-pretrain' but its weights are in the timm layout"):
         to_timm({"format": PRETRAIN_FORMAT, "model": sd})
 
 
@@ -555,7 +581,7 @@ def test_hf_directory_problems(converted, tmp_path):
         read_checkpoint(tmp_path)
     (tmp_path / "config.json").write_text((src / "config.json").read_text().replace("320", "384"))
     (tmp_path / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
-    with pytest.raises(CheckpointError, match=r"config\.json says depths .* but the weights are convnextv2_atto"):
+    with pytest.raises(ConversionError, match=r"config\.json says depths .* but the weights are convnextv2_atto"):
         to_timm(tmp_path)
 
 
@@ -621,7 +647,7 @@ def test_in_chans_of_every_layout(sources, converted, channel_sources):
     assert in_chans_of(channel_sources[1]["clf"].state_dict()) == 1
     assert in_chans_of(to_timm(channel_sources[4]["pretrain"])[1]) == 4
     assert in_chans_of(channel_sources[4]["finetune"]) == 4
-    with pytest.raises(CheckpointError, match=r"no stem conv weight embeddings\.patch_embeddings\.weight"):
+    with pytest.raises(ConversionError, match=r"no stem conv weight embeddings\.patch_embeddings\.weight"):
         in_chans_of({"embeddings.layernorm.weight": torch.ones(40)})
 
 
@@ -642,7 +668,7 @@ def test_hf_config_must_agree_with_the_stem(channel_sources, tmp_path):
     assert main([str(channel_sources[4]["finetune"]), str(tmp_path / "hf"), "--to", "hf"]) == 0
     config = tmp_path / "hf" / "config.json"
     config.write_text(config.read_text().replace('"num_channels": 4', '"num_channels": 3'))
-    with pytest.raises(CheckpointError, match="config.json says num_channels 3, but the stem weights take 4 input "
+    with pytest.raises(ConversionError, match="config.json says num_channels 3, but the stem weights take 4 input "
                                               "channels"):
         to_timm(tmp_path / "hf")
 
@@ -650,11 +676,11 @@ def test_hf_config_must_agree_with_the_stem(channel_sources, tmp_path):
 def test_load_into_timm_names_both_channel_counts(sources, channel_sources):
     _, rgb = to_timm(sources["convnextv2_atto"]["finetune"])
     grey_model = built(timm.create_model, "convnextv2_atto", num_classes=NUM_CLASSES, in_chans=1)
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(ConversionError) as info:
         load_into_timm(grey_model, rgb)
     assert str(info.value) == ("the checkpoint takes 3 input channels but the model 1; adapt it with "
-                               "`python -m tools.convert IN OUT --to ours --in-chans 1`")
-    with pytest.raises(CheckpointError, match="takes 4 input channels but the model 1; only RGB checkpoints"):
+                               "`python -m fcmae.tools.convert IN OUT --to ours --in-chans 1`")
+    with pytest.raises(ConversionError, match="takes 4 input channels but the model 1; only RGB checkpoints"):
         load_into_timm(grey_model, channel_sources[4]["clf"].state_dict())
     assert load_into_timm(grey_model, channel_sources[1]["clf"].state_dict(), keep_head=True) == []
 
@@ -710,7 +736,7 @@ def test_adapt_same_channels_is_a_no_op_and_other_sources_are_refused(sources, c
     assert adapt_in_chans(state, 3) is state
     four = to_canonical(read_checkpoint(channel_sources[4]["pretrain"]))[2]
     assert adapt_in_chans(four, 4) is four
-    with pytest.raises(CheckpointError, match=r"takes 4 input channels; only RGB \(3-channel\) checkpoints can be "
+    with pytest.raises(ConversionError, match=r"takes 4 input channels; only RGB \(3-channel\) checkpoints can be "
                                               "adapted to 1"):
         adapt_in_chans(four, 1)
     assert main([str(sources["convnextv2_atto"]["finetune"]), str(tmp_path / "same.pth"), "--to", "ours",

@@ -4,8 +4,8 @@ no host synchronisation inside a sparse pretraining step."""
 import pytest
 import torch
 
-from fcmae.engine import train_step
-from fcmae.optim import adamw
+from fcmae.runtime.optim import adamw
+from fcmae.runtime.step import train_step
 from models import create_fcmae, random_mask
 from tests.conftest import randomize_grn
 

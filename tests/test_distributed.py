@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from fcmae import checkpoint as ckpt
-from fcmae.distributed import first_slurm_host
+from fcmae.runtime import checkpoints as ckpt
+from fcmae.runtime.distributed import first_slurm_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = ["-m", "fcmae.pretrain", "--input-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--num-workers",
@@ -78,7 +78,7 @@ def test_pretrain_from_shards_two_processes_match_one_from_the_folder(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tools.make_shards import make_shards
+    from fcmae.tools.make_shards import make_shards
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "photos"

@@ -168,8 +168,8 @@ class FakeCLIs:
 
 @pytest.fixture
 def fake_clis(monkeypatch):
-    import fcmae.pretrain
-    import finetune.__main__
+    import fcmae.pretrain.cli
+    import finetune.cli
 
     fakes = FakeCLIs()
     monkeypatch.setattr(fcmae.pretrain, "main", fakes.pretrain)
@@ -226,7 +226,7 @@ def test_a_stage_stopped_early_is_run_again(tmp_path, fake_clis):
 
 
 def test_a_stage_that_returns_incomplete_is_an_error(tmp_path, monkeypatch):
-    import finetune.__main__
+    import finetune.cli
 
     def incomplete(argv):
         out = flag(argv, "--output-dir")
@@ -245,7 +245,7 @@ def test_a_stage_that_returns_incomplete_is_an_error(tmp_path, monkeypatch):
 
 def cli_flags_ready() -> bool:
     """Whether the CLIs take every flag the experiment passes (the lead adds --in-chans to fine-tuning)."""
-    from fcmae.pretrain import build_parser as pretrain_parser
+    from fcmae.pretrain.options import build_parser as pretrain_parser
     from finetune.options import build_parser as finetune_parser
 
     def options(parser):
@@ -268,9 +268,9 @@ def test_smoke_budget_end_to_end(tmp_path):
     for png in ("arms.png", "curves.png", "feature_diversity.png"):
         assert Image.open(out / png).size[0] > 300
     # the V1 arm's encoder really has no GRN: its checkpoint's GRN parameters are all zero
-    from tools.feature_diversity import model_from_checkpoint
+    from fcmae.runtime.weights import timm_encoder
 
-    v1 = model_from_checkpoint(str(tmp_path / result["arms"]["v1-fcmae"]["checkpoints"]["0"]))[1]
+    v1 = timm_encoder(str(tmp_path / result["arms"]["v1-fcmae"]["checkpoints"]["0"]))[1]
     assert all((p == 0).all() for n, p in v1.named_parameters() if ".grn." in n)
     again = E.main(argv)  # every stage reused
     assert again["arms"] == result["arms"]

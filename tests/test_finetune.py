@@ -11,9 +11,9 @@ import torch
 import yaml
 from PIL import Image
 
-from fcmae.checkpoint import load
-from finetune.__main__ import run
-from finetune.data import stratified_subset
+from fcmae.data.labelled import stratified_subset
+from fcmae.runtime.checkpoint_file import read_checkpoint
+from finetune.cli import run
 from tests.conftest import FAST_FINETUNE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,8 +41,8 @@ def test_pretrained_weights_loaded_exactly(tmp_path, pretrained):
     norm at its defaults)."""
     run(FAST + ["--finetune", pretrained, "--train-subset", "32", "--max-steps", "1", "--warmup-epochs", "1",
                 "--no-model-ema", "--output-dir", str(tmp_path)])
-    model = load(str(tmp_path / "checkpoint-00000001.pth"))["model"]
-    encoder = {k[len("encoder."):]: v for k, v in load(pretrained)["model"].items() if k.startswith("encoder.")}
+    model = read_checkpoint(str(tmp_path / "checkpoint-00000001.pth"))["model"]
+    encoder = {k[len("encoder."):]: v for k, v in read_checkpoint(pretrained)["model"].items() if k.startswith("encoder.")}
     fresh = timm.create_model("convnextv2_atto", num_classes=10).state_dict()
     assert set(model) - set(encoder) == {"head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias"}
     for key, value in encoder.items():
@@ -72,7 +72,7 @@ def test_outputs(finetuned):
     assert all(r["ema_acc1"] != "" for r in rows)
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert float(rows[-1]["acc1"]) == metrics["acc1"]
-    state = load(str(out / "checkpoint-00000020.pth"))
+    state = read_checkpoint(str(out / "checkpoint-00000020.pth"))
     assert state["format"] == "fcmae-finetune" and state["model_name"] == "convnextv2_atto"
     assert state["step"] == 20 and state["epoch"] == 2 and state["model_ema"] is not None
     assert state["best_acc1"] == metrics["best_acc1"] == max(max(float(r["acc1"]), float(r["ema_acc1"])) for r in rows)
@@ -107,7 +107,7 @@ def test_resume_is_exact(tmp_path):
     run(args + ["--max-steps", "6", "--output-dir", str(tmp_path / "a")])
     run(args + ["--max-steps", "3", "--output-dir", str(tmp_path / "b")])
     run(args + ["--max-steps", "6", "--output-dir", str(tmp_path / "b")])
-    a, b = (load(str(tmp_path / d / "checkpoint-00000006.pth")) for d in "ab")
+    a, b = (read_checkpoint(str(tmp_path / d / "checkpoint-00000006.pth")) for d in "ab")
     assert a["history"] == b["history"] and [p[0] for p in a["history"]["curve"]] == list(range(1, 7))
     for part in ["model", "model_ema"]:
         for k in a[part]:
@@ -135,7 +135,7 @@ def test_image_folders_and_label_fraction(tmp_path):
     metrics = run(["--data-path", str(root), "--input-size", "32", "--batch-size", "6", "--num-workers", "0",
                    "--label-fraction", "0.5", "--max-steps", "2", "--output-dir", str(tmp_path / "out")])
     assert metrics["steps"] == 2
-    state = load(str(tmp_path / "out" / "checkpoint-00000002.pth"))
+    state = read_checkpoint(str(tmp_path / "out" / "checkpoint-00000002.pth"))
     assert state["classes"] == ["cat", "dog", "eel"] and state["model"]["head.fc.weight"].shape[0] == 3
     assert "label_fraction: 0.5" in (tmp_path / "out" / "config.yaml").read_text()
 
@@ -154,7 +154,7 @@ def test_configs():
     """Every variant has a config that parses and validates; atto, tiny and base are the reference recipes."""
     import glob
 
-    from fcmae.options import parse_with_config
+    from fcmae.runtime.options import parse_with_config
     from finetune.options import build_parser, validate
     from models import VARIANTS
 
@@ -179,7 +179,7 @@ def test_configs():
 
 def test_demo_config_is_the_readme_path(pretrained):
     """configs/finetune/fashion_mnist_demo.yaml starts from the checkpoint tools/pretrain.sh writes last."""
-    from fcmae.options import parse_with_config
+    from fcmae.runtime.options import parse_with_config
     from finetune.options import build_parser, validate
 
     root = os.path.join(os.path.dirname(__file__), "..")
@@ -194,7 +194,7 @@ def test_demo_config_is_the_readme_path(pretrained):
 def test_randaugment_posterize_zero_bits():
     """rand-m9-mstd0.5 sometimes asks posterize to keep 0 bits, which Pillow >= 13 rejects: a black image, as
     older Pillow gave, instead of a crash mid-epoch."""
-    from finetune.data import train_transform
+    from fcmae.data.transforms import train_transform
 
     transform = train_transform((32, 32), "rand-m9-mstd0.5-inc1", 0.25)
     ops = [op for t in transform.transforms for op in getattr(t, "ops", []) if op.name.startswith("Posterize")]

@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from fcmae.errors import CheckpointError
+from fcmae.runtime.errors import CheckpointError
 from finetune.model import create_classifier, init_from_pretrained
 
 

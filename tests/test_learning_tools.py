@@ -12,17 +12,19 @@ import timm
 import torch
 from PIL import Image
 
-from fcmae import knn
-from fcmae.checkpoint import load
-from fcmae.monitor import collapse_stats, scalars
-from finetune.__main__ import run as finetune
-from finetune.engine import WithLoss
+from fcmae.pretrain import knn
+from fcmae.pretrain.monitor import collapse_stats, scalars
+from fcmae.runtime.checkpoint_file import read_checkpoint
+from fcmae.runtime.weights import timm_encoder
+from finetune.cli import run as finetune
+from finetune.loss import WithLoss
 from finetune.model import LinearProbe, create_classifier
 from finetune.options import parse_args
 from models import create_fcmae
-from models.convert import read_checkpoint, save_converted, to_canonical
+from models.convert import to_canonical
+from fcmae.tools.convert import save_converted
 from tests.conftest import FAST_FINETUNE
-from tools import knn_eval, visualize
+from fcmae.tools import knn_eval, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = FAST_FINETUNE
@@ -201,8 +203,8 @@ def test_knn_scores_by_hand():
 
 def test_knn_eval_end_to_end(tmp_path, pretrain_run):
     _, ckpt = pretrain_run
-    name, encoder = knn_eval.encoder_from_checkpoint(ckpt)
-    saved = load(ckpt)["model"]
+    name, encoder = timm_encoder(ckpt)
+    saved = read_checkpoint(ckpt)["model"]
     assert name == "convnextv2_atto"
     for key, value in encoder.state_dict().items():
         if not key.startswith("head."):
@@ -274,8 +276,8 @@ def test_linear_probe_run(tmp_path, pretrain_run):
                                "--lr", "1e-2", "--output-dir", str(out)])
     assert metrics["steps"] == 20
     assert metrics["mean_last_10"] < metrics["first_loss"] - 0.1, metrics
-    state = load(str(out / "checkpoint-00000020.pth"))
-    encoder = {k[len("encoder."):]: v for k, v in load(ckpt)["model"].items() if k.startswith("encoder.")}
+    state = read_checkpoint(str(out / "checkpoint-00000020.pth"))
+    encoder = {k[len("encoder."):]: v for k, v in read_checkpoint(ckpt)["model"].items() if k.startswith("encoder.")}
     head = {k: v for k, v in state["model"].items() if k.startswith("head.")}
     assert set(state["model"]) == set(encoder) | set(head)
     for key, value in encoder.items():

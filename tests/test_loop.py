@@ -1,4 +1,4 @@
-"""Unit tests of the shared training loop's pieces (fcmae/loop.py): the bounded loss history, the stop-signal
+"""Unit tests of the shared training loop's pieces (fcmae/runtime): the bounded loss history, the stop-signal
 handler, where a run starts (find_start's --resume/--overwrite rules) and the settings a resume must share."""
 import logging
 import os
@@ -8,12 +8,22 @@ import signal
 import pytest
 import torch
 
-from fcmae import checkpoint as ckpt
-from fcmae.errors import CheckpointError, UsageError
-from fcmae.loop import HISTORY_POINTS, LossHistory, StopRequest, check_same_settings, find_start
+from fcmae.runtime import checkpoints as ckpt
+from fcmae.runtime.errors import CheckpointError, UsageError
+from fcmae.runtime.history import HISTORY_POINTS, LossHistory
+from fcmae.runtime.run_start import Start, StartRules, check_same_settings, find_start
+from fcmae.runtime.signals import StopRequest
 
-FORMAT = "fcmae-pretrain"
-WHAT = "an FCMAE pretraining checkpoint"
+FIXED = ("model", "in_chans")
+RUN_ONLY = frozenset({"output_dir", "max_steps"})
+RULES = StartRules(format="fcmae-pretrain", what="an FCMAE pretraining checkpoint", fixed=FIXED, run_only=RUN_ONLY)
+FORMAT = RULES.format
+
+
+def start_of(folder, resume, overwrite):
+    """find_start's (path, state)."""
+    start = find_start(folder, resume, overwrite, RULES)
+    return start.path, start.state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,8 +138,8 @@ def save(folder, step, **kw):
 
 def test_find_start_fresh_in_an_empty_or_missing_folder(tmp_path):
     for resume in ("auto", "none"):
-        assert find_start(str(tmp_path / "missing"), resume, False, FORMAT, WHAT) == (None, None)
-        assert find_start(str(tmp_path), resume, False, FORMAT, WHAT) == (None, None)
+        assert start_of(str(tmp_path / "missing"), resume, False) == (None, None)
+        assert start_of(str(tmp_path), resume, False) == (None, None)
     assert not (tmp_path / "missing").exists()
 
 
@@ -137,21 +147,21 @@ def test_find_start_auto_takes_the_newest(tmp_path):
     save(tmp_path, 1)
     newest = save(tmp_path, 12)
     save(tmp_path, 2)
-    path, found = find_start(str(tmp_path), "auto", False, FORMAT, WHAT)
+    path, found = start_of(str(tmp_path), "auto", False)
     assert path == newest and found["step"] == 12
 
 
 def test_find_start_overwrite_starts_fresh(tmp_path):
     save(tmp_path, 3)
     for resume in ("auto", "none"):
-        assert find_start(str(tmp_path), resume, True, FORMAT, WHAT) == (None, None)
+        assert start_of(str(tmp_path), resume, True) == (None, None)
     assert ckpt.list_checkpoints(str(tmp_path))  # deleted only when the run starts (clear_for_fresh_start)
 
 
 def test_find_start_none_into_another_runs_folder_is_refused(tmp_path):
     save(tmp_path, 3)
     with pytest.raises(UsageError) as e:
-        find_start(str(tmp_path), "none", False, FORMAT, WHAT)
+        start_of(str(tmp_path), "none", False)
     message = str(e.value)
     assert "checkpoint-00000003.pth" in message and "--overwrite" in message and "--output-dir" in message
     assert "--resume auto" in message
@@ -160,41 +170,41 @@ def test_find_start_none_into_another_runs_folder_is_refused(tmp_path):
 def test_find_start_explicit_path(tmp_path):
     here = save(tmp_path / "run", 2)
     save(tmp_path / "run", 4)
-    path, found = find_start(str(tmp_path / "run"), here, False, FORMAT, WHAT)  # an older one of this run
+    path, found = start_of(str(tmp_path / "run"), here, False)  # an older one of this run
     assert path == here and found["step"] == 2
     elsewhere = save(tmp_path / "other", 7)
-    path, found = find_start(str(tmp_path / "new"), elsewhere, False, FORMAT, WHAT)  # into an empty folder: fine
+    path, found = start_of(str(tmp_path / "new"), elsewhere, False)  # into an empty folder: fine
     assert path == elsewhere and found["step"] == 7
     with pytest.raises(UsageError, match="--overwrite"):  # into a folder of another run's checkpoints: not
-        find_start(str(tmp_path / "run"), elsewhere, False, FORMAT, WHAT)
-    assert find_start(str(tmp_path / "run"), elsewhere, True, FORMAT, WHAT)[0] == elsewhere
+        start_of(str(tmp_path / "run"), elsewhere, False)
+    assert start_of(str(tmp_path / "run"), elsewhere, True)[0] == elsewhere
 
 
 def test_find_start_checks_the_format(tmp_path):
     save(tmp_path / "ft", 1, fmt="fcmae-finetune")
     with pytest.raises(UsageError, match=r"is not an FCMAE pretraining checkpoint \(format 'fcmae-finetune'\)"):
-        find_start(str(tmp_path / "ft"), "auto", False, FORMAT, WHAT)
+        start_of(str(tmp_path / "ft"), "auto", False)
     save(tmp_path / "broken", 1, optimizer=True)
     with pytest.raises(UsageError, match="has no 'optimizer'"):
-        find_start(str(tmp_path / "broken"), "auto", False, FORMAT, WHAT)
+        start_of(str(tmp_path / "broken"), "auto", False)
 
 
 def test_find_start_refuses_non_finite_weights_naming_a_finite_checkpoint(tmp_path):
     good = save(tmp_path, 1)
     save(tmp_path, 2, value=float("nan"))
     with pytest.raises(CheckpointError) as e:
-        find_start(str(tmp_path), "auto", False, FORMAT, WHAT)
+        start_of(str(tmp_path), "auto", False)
     assert "checkpoint-00000002.pth holds non-finite weights" in str(e.value)
     assert f"--resume {good}" in str(e.value)
     (tmp_path / "checkpoint-00000001.pth").unlink()
     with pytest.raises(CheckpointError, match="no checkpoint with finite weights"):
-        find_start(str(tmp_path), "auto", False, FORMAT, WHAT)
+        start_of(str(tmp_path), "auto", False)
 
 
 def test_find_start_sets_aside_an_unreadable_newest(tmp_path):
     good = save(tmp_path, 1)
     (tmp_path / "checkpoint-00000002.pth").write_bytes(b"\0" * 100)
-    path, found = find_start(str(tmp_path), "auto", False, FORMAT, WHAT)
+    path, found = start_of(str(tmp_path), "auto", False)
     assert path == good and found["step"] == 1
     assert (tmp_path / "checkpoint-00000002.pth.unreadable").exists()
     assert ckpt.list_checkpoints(str(tmp_path)) == [good]
@@ -203,14 +213,15 @@ def test_find_start_sets_aside_an_unreadable_newest(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # check_same_settings
 
-FIXED = ("model", "in_chans")
-RUN_ONLY = {"output_dir", "max_steps"}
+def same_settings(saved, now):
+    """check_same_settings' warning for a checkpoint 'ck.pth' saved with `saved`."""
+    return check_same_settings(Start("ck.pth", {"args": saved}), now, RULES).warning
 
 
 def test_same_settings_fixed_ones_must_match():
     saved = {"model": "convnextv2_atto", "in_chans": 3, "input_size": [64, 64], "batch_size": 4}
     with pytest.raises(UsageError) as e:
-        check_same_settings(saved, dict(saved, in_chans=1, model="convnextv2_femto"), "ck.pth", FIXED, RUN_ONLY)
+        same_settings(saved, dict(saved, in_chans=1, model="convnextv2_femto"))
     message = str(e.value)
     assert "ck.pth was trained with --model convnextv2_atto, --in-chans 3" in message
     assert "this run has convnextv2_femto, 1" in message
@@ -220,9 +231,8 @@ def test_same_settings_others_warn():
     """The warning is returned, to be logged once the run's log.txt is open."""
     saved = {"model": "convnextv2_atto", "in_chans": 3, "batch_size": 4, "mask_ratio": 0.6, "max_steps": 2}
     # run-only settings change freely
-    assert check_same_settings(saved, dict(saved, max_steps=9, output_dir="x"), "ck.pth", FIXED, RUN_ONLY) is None
-    message = check_same_settings(saved, dict(saved, batch_size=8, mask_ratio=0.75), "ck.pth", FIXED, RUN_ONLY)
+    assert same_settings(saved, dict(saved, max_steps=9, output_dir="x")) is None
+    message = same_settings(saved, dict(saved, batch_size=8, mask_ratio=0.75))
     assert "batch_size 4 -> 8" in message and "mask_ratio 0.6 -> 0.75" in message
     # a setting the saved run did not record (an older checkpoint) is not an error for the fixed ones
-    check_same_settings({"model": "convnextv2_atto"}, {"model": "convnextv2_atto", "in_chans": 3}, "ck.pth", FIXED,
-                        RUN_ONLY)
+    same_settings({"model": "convnextv2_atto"}, {"model": "convnextv2_atto", "in_chans": 3})

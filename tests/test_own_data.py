@@ -1,5 +1,5 @@
 """Data as users bring it, end to end: 4-band 16-bit TIFF tiles and 13-band float .npy arrays -> per-channel
-statistics (tools.data_stats) -> FCMAE pretraining with --in-chans C -> conversion to timm -> a strict load into
+statistics (fcmae.tools.data_stats) -> FCMAE pretraining with --in-chans C -> conversion to timm -> a strict load into
 timm.create_model(..., in_chans=C) -> fine-tuning from the checkpoint; and fine-tuning from tar shards."""
 import numpy as np
 import pytest
@@ -9,11 +9,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fcmae.checkpoint_file import read_checkpoint
-from finetune.__main__ import run as finetune
-from fcmae.pretrain import main as pretrain
-from tools.convert import main as convert
-from tools.data_stats import main as data_stats
+from fcmae.pretrain.cli import main as pretrain
+from fcmae.runtime.checkpoint_file import read_checkpoint
+from finetune.cli import run as finetune
+from fcmae.tools.convert import main as convert
+from fcmae.tools.data_stats import main as data_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RNG = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def test_pretrain_convert_timm_finetune(tmp_path, c, kind, capsys):
     assert ft["complete"] and ft["steps"] == 2 and ft["acc1"] is not None
     # fine-tuning with another channel count than the checkpoint's is refused, naming both
     with pytest.raises(SystemExit) as e:
-        from finetune.__main__ import main as finetune_main
+        from finetune.cli import main as finetune_main
         finetune_main(["--finetune", str(ckpt), "--data-path", str(data), "--in-chans", "3", "--aa", "none",
                        "--input-size", "64", "--output-dir", str(tmp_path / "wrong")])
     assert e.value.code == 2
@@ -85,7 +85,7 @@ def test_pretrain_convert_timm_finetune(tmp_path, c, kind, capsys):
 def test_finetune_from_tar_shards(tmp_path):
     from PIL import Image
 
-    from tools.make_shards import main as make_shards
+    from fcmae.tools.make_shards import main as make_shards
 
     root = tmp_path / "photos"
     for split in ("train", "val"):

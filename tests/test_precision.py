@@ -6,8 +6,8 @@ import pytest
 import torch
 from timm.layers.grn import GlobalResponseNorm
 
-from fcmae.pretrain import main as pretrain_main
-from finetune.__main__ import run as finetune_run
+from fcmae.pretrain.cli import main as pretrain_main
+from finetune.cli import run as finetune_run
 from models import create_fcmae
 from models.grn import Float32StatsGRN
 from models.masking import random_mask

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae import checkpoint as ckpt
-from fcmae.engine import train_step
-from fcmae.pretrain import main
+from fcmae.pretrain.cli import main
+from fcmae.runtime import checkpoints as ckpt
+from fcmae.runtime.step import train_step
 from models import create_fcmae
 from models.masking import random_mask
 

@@ -18,10 +18,10 @@ import time
 import pytest
 import torch
 
-from fcmae import checkpoint as ckpt
-from fcmae.cli import run_cli
-from fcmae.errors import EXIT_NONFINITE, EXIT_STOPPED, EXIT_USAGE, EXIT_WRITE_FAILED
-from fcmae.pretrain import main as pretrain_main
+from fcmae.pretrain.cli import main as pretrain_main
+from fcmae.runtime import checkpoints as ckpt
+from fcmae.runtime.cli import run_cli
+from fcmae.runtime.errors import EXIT_NONFINITE, EXIT_STOPPED, EXIT_USAGE, EXIT_WRITE_FAILED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = int(os.environ.get("RELIABILITY_SEED", time.time_ns() % 2 ** 31))
@@ -51,7 +51,7 @@ def data(tmp_path_factory):
     for name in names:
         img = getattr(skdata, name)()
         Image.fromarray(img if img.dtype.name == "uint8" else (img * 255).astype("uint8")).save(root / f"{name}.png")
-    from tools.make_shards import make_shards
+    from fcmae.tools.make_shards import make_shards
 
     result = make_shards(str(root), f"{root}_shards", shard_size=400_000, progress=lambda line: None)
     assert len(result["shards"]) > 1

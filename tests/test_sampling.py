@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae.data import MaskedImages, pretrain_transform
-from fcmae.sampling import EpochSampler, SeededDataset, make_loader, sample_seed
+from fcmae.data.sampling import EpochSampler, SeededDataset, make_loader, sample_seed
+from fcmae.data.transforms import pretrain_transform
+from fcmae.pretrain.data import MaskedImages
 
 
 class Photos(torch.utils.data.Dataset):

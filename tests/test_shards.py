@@ -1,4 +1,4 @@
-"""WebDataset tar shards (fcmae/shards.py, tools/make_shards.py): shards of a folder read back as the folder does
+"""WebDataset tar shards (fcmae/shards.py, fcmae/tools/make_shards.py): shards of a folder read back as the folder does
 (images, labels, seeded order), bad members skipped and named by shard and key, the index cache reused and
 rebuilt, brace patterns, and the tool's errors."""
 import io
@@ -12,14 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae import shards as shards_module
-from fcmae.data import MaskedImages, pretrain_transform
-from fcmae.errors import DataError, UsageError
-from fcmae.images import BadImageMonitor, ImageFiles
-from fcmae.sampling import EpochSampler, SeededDataset, make_loader
-from fcmae.shards import TarShards, expand_braces, is_shards, load_index, open_dataset, shard_paths, split_name
-from tools.make_shards import make_shards, parse_size
-from tools.make_shards import run as make_shards_cli
+from fcmae.data import shards as shards_module
+from fcmae.data.bad_samples import BadImageMonitor
+from fcmae.data.folders import ImageFiles
+from fcmae.data.sampling import EpochSampler, SeededDataset, make_loader
+from fcmae.data.shards import TarShards, expand_braces, is_shards, load_index, open_dataset, shard_paths, split_name
+from fcmae.data.transforms import pretrain_transform
+from fcmae.pretrain.data import MaskedImages
+from fcmae.runtime.errors import DataError, UsageError
+from fcmae.tools.make_shards import make_shards, parse_size
+from fcmae.tools.make_shards import run as make_shards_cli
 
 
 def photo(name, size):
@@ -194,7 +196,7 @@ def test_npy_and_unlabelled_flat_folder(tmp_path):
 
 
 def test_make_shards_cli_errors_and_sizes(folder, tmp_path, capsys):
-    from fcmae.cli import run_cli
+    from fcmae.runtime.cli import run_cli
 
     assert parse_size("500MB") == 500 * 10 ** 6 and parse_size("1GB") == 10 ** 9
     assert parse_size("123456") == 123456 and parse_size("1.5GiB") == 3 * 2 ** 29 and parse_size("30 kb") == 30000

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fcmae.visualize import reconstruct, reconstruction_grid
+from fcmae.pretrain.visualize import reconstruct, reconstruction_grid
 from models import create_fcmae
 from models.masking import random_mask
 

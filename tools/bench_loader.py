@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from fcmae.cli import check_writable_dir, run_cli
-from fcmae.errors import UsageError
-from fcmae.options import ArgParser, Device, Int, Str, add, parse_with_config
-from fcmae.options import input_size as parse_input_size
+from fcmae.runtime.cli import check_writable_dir, run_cli
+from fcmae.runtime.errors import UsageError
+from fcmae.runtime.options import ArgParser, Device, Int, Str, add, parse_with_config
+from fcmae.runtime.options import input_size as parse_input_size
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "stereo_motorcycle", "colorwheel")
@@ -105,25 +105,24 @@ def parse_wxh(text: str):
 
 def ours(data: str, input_size, batch_size: int, workers: int, device, normalized: bool = True):
     """(loader, prepare, set_epoch) of the pretraining path."""
-    from fcmae import data as fdata
-    from fcmae.sampling import EpochSampler, SeededDataset, make_loader
-    from fcmae.shards import open_dataset
+    from fcmae.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize
+    from fcmae.data.sampling import EpochSampler, SeededDataset, make_loader
+    from fcmae.data.shards import open_dataset
+    from fcmae.data.transforms import pretrain_transform
+    from fcmae.pretrain.data import MaskedImages
     from models.masking import mask_grid
 
-    dataset = open_dataset(data, transform=fdata.pretrain_transform(input_size), input_size=input_size)
+    dataset = open_dataset(data, transform=pretrain_transform(input_size), input_size=input_size)
     grid = mask_grid(*input_size)
-    dataset = SeededDataset(fdata.MaskedImages(dataset, grid[0] * grid[1], 0.6), seed=0, rngs=("torch",))
+    dataset = SeededDataset(MaskedImages(dataset, grid[0] * grid[1], 0.6), seed=0, rngs=("torch",))
     sampler = EpochSampler(len(dataset), seed=0)
     loader = make_loader(dataset, sampler, batch_size, workers, pin_memory=device.type == "cuda")
-    normalize = getattr(fdata, "normalize", None)
-    mean, std = fdata.IMAGENET_MEAN, fdata.IMAGENET_STD
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def prepare(batch):
         imgs, masks = batch
         imgs, masks = imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         if imgs.dtype == torch.uint8 and normalized:
-            if normalize is None:
-                raise RuntimeError("the transform gives uint8 images but fcmae.data has no normalize()")
             imgs = normalize(imgs, mean, std)
         return imgs
 
@@ -133,7 +132,7 @@ def ours(data: str, input_size, batch_size: int, workers: int, device, normalize
 def baseline_transform(input_size):
     from torchvision import transforms
 
-    from fcmae.data import IMAGENET_MEAN, IMAGENET_STD
+    from fcmae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
     return transforms.Compose([
         transforms.RandomResizedCrop(tuple(input_size), scale=(0.2, 1.0),
@@ -216,12 +215,13 @@ def profile(folder: str, input_size, count: int, batch_size: int) -> dict:
     """ms per sample of each stage, one process, the first `count` files of the folder (ours and baseline)."""
     from torch.utils.data import default_collate
 
-    from fcmae import data as fdata
-    from fcmae import images
-    from fcmae.sampling import SeededDataset
+    from fcmae.data.decode import load_rgb, to_rgb
+    from fcmae.data.folders import ImageFiles
+    from fcmae.data.sampling import SeededDataset
+    from fcmae.data.transforms import pretrain_transform
     from models.masking import random_mask
 
-    files = images.ImageFiles(folder, input_size=input_size)
+    files = ImageFiles(folder, input_size=input_size)
     paths = [files.filename(i) for i in range(min(count, len(files)))]
     n = len(paths)
     raw = [open(p, "rb").read() for p in paths]
@@ -245,10 +245,10 @@ def profile(folder: str, input_size, count: int, batch_size: int) -> dict:
     decoded = [ours_open(i) for i in range(n)]
     out["ours: EXIF transpose"] = _ms(lambda i: ImageOps.exif_transpose(decoded[i].copy(), in_place=True), n) - \
         _ms(lambda i: decoded[i].copy(), n)
-    out["ours: to_rgb"] = _ms(lambda i: images.to_rgb(decoded[i]), n)
-    out["ours: load_rgb (decode + all rules)"] = _ms(lambda i: images.load_rgb(paths[i], draft), n)
+    out["ours: to_rgb"] = _ms(lambda i: to_rgb(decoded[i]), n)
+    out["ours: load_rgb (decode + all rules)"] = _ms(lambda i: load_rgb(paths[i], draft), n)
     full = [pil_loader(i) for i in range(n)]
-    ours_imgs = [images.load_rgb(p, draft) for p in paths]
+    ours_imgs = [load_rgb(p, draft) for p in paths]
 
     def steps(transform, imgs, label):
         xs = list(imgs)
@@ -260,7 +260,7 @@ def profile(folder: str, input_size, count: int, batch_size: int) -> dict:
         return xs
 
     base_out = steps(baseline_transform(input_size), full, "baseline")
-    ours_out = steps(fdata.pretrain_transform(input_size), ours_imgs, "ours")
+    ours_out = steps(pretrain_transform(input_size), ours_imgs, "ours")
     grid = (input_size[0] // 32) * (input_size[1] // 32)
     out["ours: mask"] = _ms(lambda i: random_mask(1, grid, 0.6)[0], n)
     seeded = SeededDataset(list(range(n)), seed=0, rngs=("torch",))
@@ -331,7 +331,7 @@ def run(argv=None):
         args.input_size = parse_input_size(args.input_size)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    from fcmae.shards import is_shards
+    from fcmae.data.shards import is_shards
 
     baseline_data = args.baseline_data or args.data
     if is_shards(baseline_data):

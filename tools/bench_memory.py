@@ -22,8 +22,8 @@ def step_peak(model: str, size: int, batch: int, checkpointing: bool, backend: s
     """Run in a child process: one pretraining step; peak RSS in bytes and the step's seconds."""
     import torch
 
-    from fcmae.engine import train_step
-    from fcmae.optim import adamw
+    from fcmae.runtime.optim import adamw
+    from fcmae.runtime.step import train_step
     from models import create_fcmae, random_mask
 
     torch.set_num_threads(threads)
@@ -134,9 +134,9 @@ def narrow(args, checkpointing: bool, budget: int, measure, best: dict, tried: l
 
 
 def main(argv=None):
-    from fcmae.cli import check_output_file
-    from fcmae.errors import UsageError
-    from fcmae.options import ArgParser, Float, Int, Str, add, parse_with_config
+    from fcmae.runtime.cli import check_output_file
+    from fcmae.runtime.errors import UsageError
+    from fcmae.runtime.options import ArgParser, Float, Int, Str, add, parse_with_config
 
     p = ArgParser(prog="python -m tools.bench_memory", description=__doc__.split("\n\n")[0])
     add(p, "--model", kind=Str(), default="convnextv2_huge", help="variant to measure (default: convnextv2_huge)")

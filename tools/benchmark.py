@@ -90,8 +90,8 @@ def build(candidate: str, cfg: dict, device: torch.device):
     """A zero-argument function running one optimiser step of `candidate` ("name/amp") on a fixed synthetic batch."""
     import timm
 
-    from fcmae.engine import autocast, train_step
-    from fcmae.optim import adamw
+    from fcmae.runtime.optim import adamw
+    from fcmae.runtime.step import autocast, train_step
     from models import create_fcmae, random_mask
     from models.masking import mask_grid
     from models.variants import get_variant
@@ -140,7 +140,7 @@ def build(candidate: str, cfg: dict, device: torch.device):
 
         return step
     if name == "finetune":
-        from finetune.engine import WithLoss
+        from finetune.loss import WithLoss
         from finetune.layer_decay import build_optimizer
         from finetune.model import create_classifier
 
@@ -237,7 +237,7 @@ def _process_context():
     ctx = mp.get_context("forkserver")
     # not this module itself: a child re-runs `python -m tools.benchmark`'s main module, and runpy warns when it
     # finds that module already imported
-    ctx.set_forkserver_preload(["torch", "timm", "models", "fcmae.engine", "fcmae.optim", "finetune.layer_decay"])
+    ctx.set_forkserver_preload(["torch", "timm", "models", "fcmae.runtime.step", "fcmae.runtime.optim", "finetune.layer_decay"])
     return ctx
 
 
@@ -408,7 +408,7 @@ def split_list(values, convert, option: str, what: str):
 
 
 def build_parser():
-    from fcmae.options import ArgParser, Device, Int, Str, add
+    from fcmae.runtime.options import ArgParser, Device, Int, Str, add
 
     p = ArgParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -433,7 +433,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from fcmae.cli import exit_with
+    from fcmae.runtime.cli import exit_with
 
     if argv is None:  # the command line: one `error:` line and exit code 2 for bad input
         exit_with(run_benchmark, argv)
@@ -441,9 +441,9 @@ def main(argv=None):
 
 
 def run_benchmark(argv=None):
-    from fcmae.cli import check_output_file
-    from fcmae.errors import UsageError
-    from fcmae.options import parse_with_config
+    from fcmae.runtime.cli import check_output_file
+    from fcmae.runtime.errors import UsageError
+    from fcmae.runtime.options import parse_with_config
     from models.masking import mask_grid, num_visible
     from models.variants import get_variant
 

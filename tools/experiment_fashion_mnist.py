@@ -280,8 +280,8 @@ class Stages:
 
     def pretrain(self, arm: Arm, seed: int, run: bool) -> Optional[Tuple[str, dict]]:
         """(final checkpoint, metrics) of the arm's pretraining with this seed."""
-        from fcmae.checkpoint import list_checkpoints
-        from fcmae.pretrain import main as pretrain_main
+        from fcmae.pretrain.cli import main as pretrain_main
+        from fcmae.runtime.checkpoints import list_checkpoints
 
         name = self.pretrain_name(arm, seed)
         metrics = self.cli_stage(name, pretrain_main, self.pretrain_argv(arm, seed), run)
@@ -343,7 +343,7 @@ class Stages:
 
     def finetune(self, arm: Arm, pretrain_seed: Optional[int], seed: int, checkpoint: Optional[str],
                  run: bool) -> Optional[dict]:
-        from finetune.__main__ import run as finetune_main
+        from finetune.cli import run as finetune_main
 
         return self.cli_stage(self.finetune_name(arm, pretrain_seed, seed), finetune_main,
                               self.finetune_argv(seed, checkpoint, arm.encoder_grn), run)
@@ -351,11 +351,11 @@ class Stages:
 
 def evaluate_frozen(checkpoint: str, budget: Budget, workers: int) -> dict:
     """kNN top-1 and linear-probe top-1 (one per probe seed) of a checkpoint's frozen encoder."""
-    from fcmae.knn import knn_scores, topk_accuracy
-    from finetune.data import stratified_subset
-    from tools.feature_diversity import model_from_checkpoint
+    from fcmae.data.labelled import stratified_subset
+    from fcmae.pretrain.knn import knn_scores, topk_accuracy
+    from fcmae.runtime.weights import timm_encoder
 
-    _, model = model_from_checkpoint(checkpoint)
+    _, model = timm_encoder(checkpoint)
     (bank, bank_y), (test, test_y) = pooled_features(model, budget, workers)
     unit = torch.nn.functional.normalize
     knn = topk_accuracy(knn_scores(unit(bank, dim=1), bank_y, unit(test, dim=1), NUM_CLASSES, k=20,
@@ -373,7 +373,7 @@ def pooled_features(model, budget: Budget, workers: int):
     stratified bank of training images (seed 0) and of the test images, through fine-tuning's eval transform."""
     from torch.utils.data import DataLoader
 
-    from finetune.data import build_datasets
+    from fcmae.data.labelled import build_datasets
 
     data = build_datasets(data_path=None, input_size=(budget.size, budget.size), in_chans=model.stem[0].in_channels,
                           train_subset=budget.knn_bank, val_subset=budget.test_images or None, seed=0, augment=False)
@@ -468,7 +468,8 @@ def run_arm(stages: Stages, arm: Arm, run: bool) -> Optional[dict]:
 def feature_diversity(stages: Stages, arms: Dict[str, dict], run: bool) -> Optional[dict]:
     """The paper's feature cosine distance per layer for V1-FCMAE, V2-FCMAE (first pretraining seed) and the
     random init; needs both pretrained arms."""
-    from tools.feature_diversity import analyse, image_source, model_from_checkpoint, random_model
+    from fcmae.runtime.weights import timm_encoder
+    from tools.feature_diversity import analyse, image_source, random_model
 
     if "v1-fcmae" not in arms or "v2-fcmae" not in arms:
         return None
@@ -478,7 +479,7 @@ def feature_diversity(stages: Stages, arms: Dict[str, dict], run: bool) -> Optio
     key = f"feature_diversity|{b.size}px|{b.diversity_images}img|" + "|".join(models.values())
 
     def compute():
-        loaded = {label: model_from_checkpoint(os.path.join(stages.work, path))[1] for label, path in models.items()}
+        loaded = {label: timm_encoder(os.path.join(stages.work, path))[1] for label, path in models.items()}
         loaded["random init"] = random_model(MODEL, IN_CHANS, seed=0)
         images = image_source(b.diversity_images, b.size)
         return {"activation": "mlp", "distances": analyse(loaded, images, "mlp")}
@@ -582,7 +583,7 @@ def plot_arms(path: str, arms: Dict[str, dict]):
 
 def loss_curve(run_dir: str) -> List[Tuple[int, float]]:
     """(step, mean loss) points of a pretraining run, from its newest checkpoint's loss history."""
-    from fcmae import checkpoint as ckpt
+    from fcmae.runtime import checkpoints as ckpt
 
     history = ckpt.load(ckpt.list_checkpoints(run_dir)[0]).get("history") or {}
     if isinstance(history, list):  # older checkpoints kept every loss
@@ -630,7 +631,7 @@ def build_parser():
 
 
 def main(argv=None) -> dict:
-    from fcmae.logs import setup_logging
+    from fcmae.runtime.logs import setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)

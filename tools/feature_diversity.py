@@ -33,10 +33,11 @@ import timm
 import torch
 from torch import nn
 
-from fcmae.cli import check_writable_dir, run_cli
-from fcmae.errors import DataError, UsageError
-from fcmae.monitor import hooked_dense_pass
-from fcmae.options import ArgParser, add
+from fcmae.pretrain.monitor import hooked_dense_pass
+from fcmae.runtime.cli import check_writable_dir, run_cli
+from fcmae.runtime.errors import DataError, UsageError
+from fcmae.runtime.options import ArgParser, add
+from fcmae.runtime.weights import timm_encoder
 
 ACTIVATIONS = ("mlp", "block")
 
@@ -89,9 +90,10 @@ def load_images(num: int, input_size: int, in_chans: int = 3, data_path: Optiona
                 seed: int = 0) -> torch.Tensor:
     """(num, in_chans, S, S) normalised images (fine-tuning's eval transform and default normalisation): a
     class-stratified draw of Fashion-MNIST test images, or a seeded draw of a folder's images."""
-    from fcmae.data import FashionMNIST
-    from fcmae.images import image_folder
-    from finetune.data import eval_transform, stratified_subset, targets_of
+    from fcmae.data.fashion_mnist import FashionMNIST
+    from fcmae.data.folders import image_folder
+    from fcmae.data.labelled import stratified_subset, targets_of
+    from fcmae.data.transforms import eval_transform
 
     tf = eval_transform((input_size, input_size), in_chans)
     if data_path:
@@ -105,17 +107,6 @@ def load_images(num: int, input_size: int, in_chans: int = 3, data_path: Optiona
     if len(order) < num:
         raise DataError(f"--images {num}: {data_path} has only {len(order)} images")
     return torch.stack([dataset[int(i)][0] for i in order])
-
-
-def model_from_checkpoint(path: str, model_name: Optional[str] = None):
-    """(variant name, timm ConvNeXt V2 without classifier, its stem and stages strictly from the checkpoint);
-    the number of input channels is the checkpoint's."""
-    from models.convert import load_into_timm, to_timm
-
-    name, weights = to_timm(path, model_name=model_name)
-    model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=weights["stem.0.weight"].shape[1])
-    load_into_timm(model, weights, keep_head=False)
-    return name, model.eval()
 
 
 def random_model(name: str, in_chans: int = 3, seed: int = 0) -> nn.Module:
@@ -222,7 +213,7 @@ def run(argv=None) -> dict:
 
     models, name, in_chans = {}, args.model, 3
     for label, c in zip(labels, args.checkpoints):
-        name, models[label] = model_from_checkpoint(c, args.model)
+        name, models[label] = timm_encoder(c, args.model)
         in_chans = models[label].stem[0].in_channels
     if args.random_init:
         models[labels[-1]] = random_model(name, in_chans)

@@ -1,6 +1,6 @@
 """k-nearest-neighbour evaluation of a pretrained encoder (DINO's weighted kNN classifier), no training.
 
-    python -m tools.knn_eval CKPT [--data-path DIR | --dataset fashion-mnist] [--input-size 32] [--k 20]
+    python -m fcmae.tools.knn_eval CKPT [--data-path DIR | --dataset fashion-mnist] [--input-size 32] [--k 20]
         [--temperature 0.07] [--train-subset N | --label-fraction F] [--val-subset N] [--batch-size 256]
         [--in-chans C --mean ... --std ...] [--json PATH]
 
@@ -14,23 +14,15 @@ import json
 import os
 from typing import Optional
 
-import timm
 import torch
 
-from fcmae.cli import check_output_file, exit_with
-from fcmae.errors import UsageError
-from fcmae.knn import knn_evaluate, pooled_features
-from fcmae.options import ArgParser, Device, Float, Int, Str, add, input_size as parse_input_size, parse_with_config
-from finetune.data import build_datasets
-from models.convert import in_chans_of, load_into_timm, to_timm
-
-
-def encoder_from_checkpoint(path, model_name: Optional[str] = None, use_ema: bool = False):
-    """(variant, timm's ConvNeXt V2 without a classifier, its stem and stages loaded strictly from the checkpoint)."""
-    name, weights = to_timm(path, model_name=model_name, use_ema=use_ema)
-    model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans_of(weights))
-    load_into_timm(model, weights, keep_head=False)
-    return name, model.eval()
+from fcmae.data.labelled import build_datasets
+from fcmae.pretrain.knn import knn_evaluate, pooled_features
+from fcmae.runtime.cli import check_output_file, exit_with
+from fcmae.runtime.errors import UsageError
+from fcmae.runtime.options import ArgParser, Device, Float, Int, Str, add, parse_with_config
+from fcmae.runtime.options import input_size as parse_input_size
+from fcmae.runtime.weights import timm_encoder
 
 
 def knn_eval(checkpoint, data_path: Optional[str] = None, input_size=(32, 32), k: int = 20,
@@ -38,7 +30,7 @@ def knn_eval(checkpoint, data_path: Optional[str] = None, input_size=(32, 32), k
              val_subset: Optional[int] = None, batch_size: int = 256, num_workers: int = 2, device: str = "cpu",
              seed: int = 0, model_name: Optional[str] = None, use_ema: bool = False, mean=None, std=None) -> dict:
     """kNN top-1/top-5 (%) of the checkpoint's encoder on the val (Fashion-MNIST: test) images."""
-    name, model = encoder_from_checkpoint(checkpoint, model_name, use_ema)
+    name, model = timm_encoder(checkpoint, model_name, use_ema)
     in_chans = model.stem[0].in_channels
     size = parse_input_size(input_size)
     data = build_datasets(data_path=data_path, input_size=size, in_chans=in_chans, mean=mean, std=std,
@@ -54,7 +46,7 @@ def knn_eval(checkpoint, data_path: Optional[str] = None, input_size=(32, 32), k
 
 
 def build_parser() -> ArgParser:
-    p = ArgParser(prog="python -m tools.knn_eval", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="python -m fcmae.tools.knn_eval", description=__doc__.split("\n\n")[0])
     add(p, "-c", "--config", default=None, help="YAML file of option defaults")
     p.add_argument("checkpoint",
                    help="any checkpoint the converter reads (pretraining, fine-tuning, timm, reference, HF)")

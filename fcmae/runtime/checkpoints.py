@@ -1,9 +1,9 @@
-"""Training-state checkpoints: atomic writes, safe loads, and auto-resume from the newest one that loads.
+"""Training-state checkpoints: writing, keeping the newest few, and finding the newest one that loads.
 
 Files are `checkpoint-<step>.pth` in the output dir; the newest `keep` are kept (a fresh run never shares its
-folder with another run's checkpoints, fcmae.loop.find_start, so these are the run's own). A checkpoint is
-written to a temporary file, flushed and fsynced, then renamed over the target, so a kill or a full disk never
-leaves a half-written checkpoint under a real name and the previous one stays valid. A write that fails (full
+folder with another run's checkpoints, fcmae.runtime.run_start.find_start, so these are the run's own). Checkpoints
+are written atomically (fcmae.runtime.files), so a kill or a full disk never leaves a half-written checkpoint under
+a real name and the previous one stays valid. A write that fails (full
 disk, quota, lost mount; torch's zip writer reports ENOSPC as a RuntimeError) stops the run with exit code 4
 and a message naming the checkpoint that is still good. Unreadable checkpoints found by auto-resume are renamed
 `*.unreadable`, so they neither hide the good ones nor take a keep-k slot.
@@ -13,48 +13,16 @@ import logging
 import os
 import random
 import re
-import tempfile
 
 import numpy as np
 import torch
 
 from .checkpoint_file import read_checkpoint
 from .errors import EXIT_WRITE_FAILED, CheckpointError, RunStopped
+from .files import atomic_write, write_text
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
-TMP_PREFIX = ".tmp-"
-
-
-def atomic_save(obj, path: str):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load(path: str):
-    """Never executes code from the file (weights_only); a broken file is a one-line CheckpointError."""
-    return read_checkpoint(path)
-
-
-def remove_stale_temporaries(output_dir: str):
-    """Temporary files of writes cut short by a kill: never valid checkpoints, only taking space."""
-    for p in glob.glob(os.path.join(output_dir, TMP_PREFIX + "*")):
-        os.remove(p)
 
 
 def checkpoint_step(path: str):
@@ -73,7 +41,7 @@ def latest_loadable(output_dir: str):
     """(path, state) of the newest checkpoint that loads; broken newer ones are reported and set aside."""
     for path in list_checkpoints(output_dir):
         try:
-            return path, load(path)
+            return path, read_checkpoint(path)  # never runs code from the file
         except CheckpointError as e:  # truncated, corrupt or not a checkpoint: fall back to the previous one
             log.warning("skipping unreadable checkpoint (renamed %s.unreadable): %s", os.path.basename(path), e)
             try:
@@ -96,7 +64,7 @@ def check_finite_or_refuse(state: dict, path: str, output_dir: str):
         if os.path.abspath(other) == os.path.abspath(path):
             continue
         try:
-            candidate = load(other)
+            candidate = read_checkpoint(other)
         except CheckpointError:
             continue
         if isinstance(candidate, dict) and isinstance(candidate.get("model"), dict) and _finite(candidate["model"].values()):
@@ -128,9 +96,9 @@ def _reason(e: BaseException) -> str:
 
 
 def save_or_stop(state: dict, path: str):
-    """atomic_save, or stop the run with a message naming the newest checkpoint that is still valid."""
+    """An atomic torch.save, or stop the run with a message naming the newest checkpoint that is still valid."""
     try:
-        atomic_save(state, path)
+        atomic_write(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as e:
         raise RunStopped(f"could not write checkpoint {path}: {_reason(e)}; "
                          f"{intact_message(os.path.dirname(path), exclude=path)}. Free space (or fix the output dir) "
@@ -139,20 +107,11 @@ def save_or_stop(state: dict, path: str):
 
 def write_text_or_stop(path: str, text: str):
     """A small file (config.yaml, metrics.json, summary.csv) written atomically; a failure stops with exit code 4."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".txt", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text(path, text)
     except OSError as e:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
-        raise RunStopped(f"could not write {path}: {_reason(e)}; {intact_message(directory)}. Free space (or fix "
-                         "the output dir) and rerun the same command to resume", EXIT_WRITE_FAILED) from None
+        raise RunStopped(f"could not write {path}: {_reason(e)}; {intact_message(os.path.dirname(path))}. Free space "
+                         "(or fix the output dir) and rerun the same command to resume", EXIT_WRITE_FAILED) from None
 
 
 def rng_state() -> dict:

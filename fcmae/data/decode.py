@@ -1,11 +1,7 @@
-"""Image folders that survive bad files, for 8-bit photos and for multi-band / high-bit-depth data (satellite
-tiles, CT/MRI slices, microscopy stacks): every file decodes to `in_chans` channels without losing precision;
-unreadable ones are skipped (counted, logged once, capped) instead of stopping or silently thinning a days-long run.
+"""Decoding one image file (or a tar member's bytes) to `in_chans` channels without losing precision, for 8-bit
+photos and for multi-band / high-bit-depth data (satellite tiles, CT/MRI slices, microscopy stacks).
 
-Listing: timm's folder reader (recursive, natural-sorted, class subfolders optional, `class_to_idx` as in timm),
-extended to the formats PIL reads and NumPy arrays (IMAGE_EXTENSIONS, any case).
-
-Decoding (`decode(f, name, in_chans, draft_side)`: a seekable binary file object, its name's extension picks the
+`decode(f, name, in_chans, draft_side)`: a seekable binary file object, its name's extension picks the
 reader) gives one of:
 - a PIL image, 'RGB' (in_chans 3) or 'L' (in_chans 1), for 8-bit sources: the PIL transforms and reduced-scale JPEG
   decoding apply as before;
@@ -14,7 +10,7 @@ reader) gives one of:
 - a float32 tensor (C, H, W) for deeper sources (16/32-bit integers, floats, signed 8-bit) in their native units:
   no 8-bit step. float32 holds integers exactly up to 2**24.
 An 8-bit source is meant to be scaled to 0..1 downstream (fcmae.data.normalize divides uint8 by 255), a deeper one
-is normalised in its own units with per-channel statistics (tools/data_stats.py).
+is normalised in its own units with per-channel statistics (fcmae/tools/data_stats.py).
 
 Readers:
 - `.npy` (NumPy): (H, W) is one channel, (H, W, C) is C channels; other shapes, and object or complex arrays, are
@@ -47,30 +43,8 @@ Readers:
 - JPEGs much larger than needed are decoded at a reduced scale (libjpeg's DCT scaling, PIL `draft`), keeping both
   sides at least 2x the largest input side, so a 24-megapixel photo costs a fraction of a full decode;
 - a file of more than MAX_PIXELS pixels is unreadable ("decompression bomb"), judged from its header alone.
-
-Unreadable files: empty, truncated, not an image, an unsupported format, removed after listing, over the pixel
-limit, a channel count other than in_chans ("4 channels, expected 3 (--in-chans)"), NaN or inf pixel values
-("non-finite pixel values"), and in a folder whose first readable file is 8-bit a high-bit-depth one or the reverse
-(the two are scaled differently, so one normalisation cannot fit both). Each is replaced by the next index
-(cyclically) that loads, so what a sample index yields stays a function of the index alone and the seeded order
-and exact resume hold. Each is marked in a shared-memory tensor, which DataLoader worker processes write and the
-main process reads: `BadImageMonitor.poll()` logs each newly marked file once with its reason and raises DataError
-once there are more than --max-bad-fraction of them (or, with --bad-image error, at the first). Past that limit a
-worker of a monitored dataset returns a stand-in of the dataset's kind (`ImageFiles.stand_in`), so it does not die
-with a traceback, and the poll before the next step stops the run before that batch is used; unmonitored, the
-worker raises. In the main process the dataset raises the DataError itself.
-
-The bad-file protocol BadImageMonitor relies on (duck-typed: ImageFiles has it, a tar-shard dataset may too):
-- `bad`: a uint8 tensor of one entry per sample in shared memory (`.share_memory_()`), 1 where a sample failed;
-- `allowed`: how many bad samples the run tolerates;
-- `monitored`: a bool attribute the monitor sets to True (workers then return stand-ins past the limit);
-- `filename(i) -> str`, `problem(i) -> str` (the reason, found again in the main process);
-- `over_limit() -> bool`, `limit_error() -> DataError`.
-The monitor finds such datasets inside wrappers that keep `.dataset` (Subset, SeededDataset, MaskedImages) or
-`.datasets` (ConcatDataset).
 """
 import logging
-import math
 import os
 import warnings
 from typing import Optional, Union
@@ -78,18 +52,14 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from timm.data.readers.reader_image_folder import find_images_and_targets
-from torch.utils.data import Dataset, get_worker_info
 
-from .data import EIGHT_BIT, GREY_MEAN, HIGH_BIT_DEPTH, IMAGENET_MEAN
-from .errors import DataError
+from .normalization import EIGHT_BIT, GREY_MEAN, HIGH_BIT_DEPTH, IMAGENET_MEAN
 
 try:
     import tifffile
 except ImportError:  # TIFFs are then PIL's: 8-bit and grey ones as before, no multi-band or 16-bit RGB
     tifffile = None
 
-log = logging.getLogger("fcmae")
 logging.getLogger("tifffile").setLevel(logging.ERROR)  # odd tags are logged as warnings: clutter, as PIL's are
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
@@ -102,9 +72,6 @@ MAX_PIXELS = 178_956_970  # PIL's own hard decompression-bomb limit (2 x Image.M
 
 Decoded = Union[Image.Image, torch.Tensor]
 
-
-# ------------------------------------------------------------------------------------------------------------------
-# decoding
 
 def decode(f, name: str, in_chans: int = 3, draft_side: Optional[int] = None) -> Decoded:
     """One image from the seekable binary file object `f` by the module's rules, the extension of `name` choosing
@@ -315,193 +282,3 @@ def describe(error: Exception, path: str) -> str:
         return f"not a TIFF file, or a damaged one ({str(error).splitlines()[0][:120]})"
     message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     return message.splitlines()[0][:200] if message else type(error).__name__
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# the dataset and its monitor
-
-class SkippingDataset(Dataset):
-    """What a dataset of files (or of tar members) needs to skip bad ones by the module's rules: the shared-memory
-    `bad` marks, the limit, the next-that-loads replacement, the kind check and the messages. A subclass sets
-    `in_chans`, `draft_side`, `bad_image`, `max_bad_fraction`, `root` and `where` (named in errors), calls
-    `_count_bad()` and `probe_kind()`, and supplies __len__, `load(i)`, `filename(i)`, `target(i)` and
-    `reason(error, i)`."""
-
-    kind: Optional[str] = None  # EIGHT_BIT or HIGH_BIT_DEPTH once probed (probe_kind); None: not known
-    kind_file: Optional[str] = None
-    monitored = False  # set by BadImageMonitor: someone polls the marks in the main process
-    transform = None
-
-    def probe_kind(self, tries: int = 100):
-        """Set `kind` and `kind_file` from the first of the first `tries` samples that loads. Called once, in the
-        constructor, so that every worker process has the same."""
-        for i in range(min(tries, len(self))):
-            try:
-                self.kind, self.kind_file = kind_of(self.load(i)), self.filename(i)
-                return
-            except Exception:
-                continue
-
-    def _count_bad(self):
-        # a run tolerates this many bad files; never all of them (there would be nothing to train on)
-        allowed = 0 if self.bad_image == "error" else math.floor(self.max_bad_fraction * len(self) + 1e-9)
-        self.allowed = min(allowed, len(self) - 1)
-        # 1 = unreadable; in shared memory, so marks made in DataLoader workers reach the main process
-        self.bad = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
-
-    def load_checked(self, i: int) -> Decoded:
-        """`load`, and a sample of the other kind than the first (8-bit vs high-bit-depth) is unreadable too."""
-        img = self.load(i)
-        if self.kind is not None and kind_of(img) != self.kind:
-            source = os.path.relpath(self.kind_file, self.root)
-            raise ValueError(f"{kind_of(img)} values, but the first image {source} is {self.kind} (8-bit values are "
-                             "scaled to 0..1, deeper ones kept in their units: one data set holds one kind)")
-        return img
-
-    def stand_in(self) -> Decoded:
-        """A mean-valued 32x32 image of the dataset's kind, returned past the limit (so batches still collate)."""
-        c = self.in_chans
-        if self.kind == HIGH_BIT_DEPTH:
-            return torch.zeros(c, 32, 32)
-        if c in (1, 3):
-            return Image.new("L", (32, 32), MEAN_GREY) if c == 1 else Image.new("RGB", (32, 32), MEAN_RGB)
-        return torch.zeros(c, 32, 32, dtype=torch.uint8)
-
-    def __getitem__(self, index):
-        i = index
-        while True:  # ends: once every file has failed, over_limit() holds
-            try:
-                img = self.load_checked(i)
-                break
-            except Exception:
-                self.bad[i] = 1
-                if self.over_limit():
-                    if get_worker_info() is None or not self.monitored:  # unmonitored: a worker traceback, but a stop
-                        raise self.limit_error() from None
-                    img, i = self.stand_in(), index  # poll() stops the run
-                    break
-                i = (i + 1) % len(self)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.target(i)
-
-    def bad_indices(self):
-        return torch.nonzero(self.bad).flatten().tolist()
-
-    def over_limit(self) -> bool:
-        return int(self.bad.sum()) > self.allowed
-
-    def problem(self, i: int) -> str:
-        """Why sample `i` does not load, found by reading it again (in the main process)."""
-        try:
-            self.load_checked(i)
-        except Exception as e:
-            return self.reason(e, i)
-        return "failed in a loader process but reads now (a passing I/O error?)"
-
-    def limit_error(self) -> DataError:
-        bad = self.bad_indices()
-        if self.bad_image == "error":
-            return DataError(f"unreadable image {self.filename(bad[0])}: {self.problem(bad[0])} (--bad-image error "
-                             "stops at the first; --bad-image skip skips up to --max-bad-fraction of them)")
-        named = [f"{os.path.relpath(self.filename(i), self.root)} ({self.problem(i)})" for i in bad[:3]]
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        why = "none can be read" if len(bad) == len(self) else f"over --max-bad-fraction {self.max_bad_fraction:g}"
-        return DataError(f"{len(bad)} of {len(self)} images in {self.where} are unreadable ({why}); first: "
-                         f"{', '.join(named)}{more}; remove or fix them, or raise --max-bad-fraction")
-
-
-class ImageFiles(SkippingDataset):
-    """(decoded image, target) for each image file under `root`, `in_chans` channels each (see `decode`); bad files
-    skipped as the module describes.
-
-    `input_size` (the transform's output, int or (H, W)) lets big JPEGs decode at a reduced scale;
-    `bad_image` and `max_bad_fraction` set when bad files stop the run. `kind` is EIGHT_BIT or HIGH_BIT_DEPTH, that
-    of the first file (in listing order) that loads, `kind_file` (None when none of the first 100 does); files of
-    the other kind are bad."""
-
-    def __init__(self, root: str, transform=None, class_to_idx=None, input_size=None, bad_image: str = "skip",
-                 max_bad_fraction: float = 0.01, in_chans: int = 3):
-        if not os.path.isdir(root):
-            raise DataError(f"data folder not found: {root}")
-        self.samples, self.class_to_idx = find_images_and_targets(root, types=IMAGE_EXTENSIONS,
-                                                                  class_to_idx=class_to_idx or None)
-        if not self.samples:
-            raise DataError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        self.root, self.where, self.transform, self.in_chans = root, root, transform, in_chans
-        self.draft_side = 2 * int(max(np.atleast_1d(input_size))) if input_size is not None else None
-        self.bad_image, self.max_bad_fraction = bad_image, max_bad_fraction
-        self._count_bad()
-        self.probe_kind()
-
-    def keep_only(self, indices):
-        """Restrict the dataset to these files (in this order), its bad-file count and limit with it."""
-        self.samples = [self.samples[i] for i in indices]
-        self._count_bad()
-
-    def __len__(self):
-        return len(self.samples)
-
-    def filename(self, i: int) -> str:
-        return self.samples[i][0]
-
-    def target(self, i: int) -> int:
-        return self.samples[i][1]
-
-    def load(self, i: int) -> Decoded:
-        """File i decoded (no transform); raises when it cannot be read."""
-        return load(self.samples[i][0], self.in_chans, self.draft_side)
-
-    def reason(self, error: Exception, i: int) -> str:
-        return describe(error, self.filename(i))
-
-
-BAD_FILE_PROTOCOL = ("bad", "allowed", "monitored", "filename", "problem", "over_limit", "limit_error")
-
-
-def _bad_file_sets(dataset):
-    """The datasets with the bad-file protocol inside `dataset` and its wrappers (`.dataset`, `.datasets`)."""
-    if all(hasattr(dataset, name) for name in BAD_FILE_PROTOCOL):
-        yield dataset
-    elif hasattr(dataset, "datasets"):
-        for inner in dataset.datasets:
-            yield from _bad_file_sets(inner)
-    elif hasattr(dataset, "dataset"):
-        yield from _bad_file_sets(dataset.dataset)
-
-
-class BadImageMonitor:
-    """Main-process report of the bad files that any process met in the given datasets: those with the bad-file
-    protocol (module docstring), found inside wrappers; others are ignored (in-memory sets such as Fashion-MNIST
-    cannot have bad files). Create it before the DataLoaders, call `poll()` once per optimiser step (and after an
-    evaluation)."""
-
-    def __init__(self, *datasets):
-        self.files = []
-        for files in (f for d in datasets for f in _bad_file_sets(d)):
-            if all(files is not seen for seen in self.files):
-                self.files.append(files)
-        self.logged = [set() for _ in self.files]
-        for files in self.files:
-            files.monitored = True
-
-    def poll(self):
-        for files, logged in zip(self.files, self.logged):
-            if int(files.bad.sum()) == len(logged):  # nothing new: the common case, one pass over a byte per file
-                continue
-            if files.over_limit():
-                raise files.limit_error()
-            for i in torch.nonzero(files.bad).flatten().tolist():
-                if i not in logged:
-                    logged.add(i)
-                    log.warning("skipped unreadable image %s: %s (%d so far; the run stops at %d)",
-                                files.filename(i), files.problem(i), len(logged), files.allowed + 1)
-
-
-def image_folder(root: str, transform=None, class_to_idx=None, input_size=None, bad_image: str = "skip",
-                 max_bad_fraction: float = 0.01, in_chans: int = 3):
-    """A folder of images, with or without class subfolders (timm's reader), decoded to `in_chans` channels with
-    unreadable files skipped and counted (this module). A missing folder or one without images is a DataError,
-    raised here."""
-    return ImageFiles(root, transform=transform, class_to_idx=class_to_idx, input_size=input_size,
-                      bad_image=bad_image, max_bad_fraction=max_bad_fraction, in_chans=in_chans)

@@ -1,6 +1,7 @@
 """Optimisation pieces both stages share, with explicit arguments: the lr rule, steps per epoch, the schedule,
 and an optimiser step that a non-finite gradient skips on the device (no host read of the flag)."""
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,6 +16,14 @@ def effective_lr(batch_size: int, accum_iter: int, world_size: int, blr: float, 
     """(effective batch, lr): the reference rule lr = blr x effective batch / 256 unless an absolute lr is given."""
     eff_batch = batch_size * accum_iter * world_size
     return eff_batch, (lr if lr is not None else blr * eff_batch / 256)
+
+
+def lr_for_run(args, world_size: int) -> float:
+    """The run's lr (`effective_lr` of its options), logged with the effective batch it comes from."""
+    eff_batch, lr = effective_lr(args.batch_size, args.accum_iter, world_size, args.blr, args.lr)
+    log.info("effective batch %d = %d x %d accumulation x %d processes; lr %.3e", eff_batch, args.batch_size,
+             args.accum_iter, world_size, lr)
+    return lr
 
 
 def epoch_steps(num_images: int, batch_size: int, accum_iter: int, world_size: int) -> int:
@@ -63,3 +72,18 @@ def finite_weights(module: torch.nn.Module) -> bool:
     """Whether every parameter and buffer is finite (one host read)."""
     flags = [torch.isfinite(t).all() for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """What the loop steps and checkpoints: the optimiser, its lr schedule and the gradient scaler (fp16 only)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def optimisation(optimizer: torch.optim.Optimizer, args, steps_per_epoch: int, device_type: str) -> Optimisation:
+    """The optimiser with the schedule of the options (warm-up, cosine to --min-lr) and a scaler for --amp fp16."""
+    return Optimisation(optimizer, cosine_schedule(optimizer, args.epochs, steps_per_epoch, args.warmup_epochs,
+                                                   args.min_lr),
+                        torch.amp.GradScaler(device_type, enabled=args.amp == "fp16"))

@@ -3,7 +3,7 @@ original | masked input | reconstruction (visible patches pasted back; with norm
 mapped back with each patch's own mean and std). The same picture pretraining writes to TensorBoard
 (`fcmae.visualize.reconstruction_grid`).
 
-    python -m tools.visualize CKPT --out grid.png [--data-path DIR | --dataset fashion-mnist] [--num 8]
+    python -m fcmae.tools.visualize CKPT --out grid.png [--data-path DIR | --dataset fashion-mnist] [--num 8]
         [--input-size 224 | H W] [--mask-ratio 0.6] [--seed 0]
 
 CKPT: our pretraining checkpoint (`format: fcmae-pretrain`, whose `args` give the input size, mask ratio,
@@ -20,19 +20,20 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from fcmae.checkpoint_file import read_checkpoint
-from fcmae.cli import check_output_file, exit_with
-from fcmae.data import FashionMNIST, resolve_mean_std
-from fcmae.errors import CheckpointError, UsageError
-from fcmae.options import (ArgParser, Device, Float, Int, Str, add, input_size as parse_input_size,
-                           parse_with_config)
-from fcmae.shards import open_dataset
-from fcmae.visualize import reconstruction_grid
-from finetune.data import eval_transform
+from fcmae.data.fashion_mnist import FashionMNIST
+from fcmae.data.normalization import resolve_mean_std
+from fcmae.data.shards import open_dataset
+from fcmae.data.transforms import eval_transform
+from fcmae.pretrain.visualize import reconstruction_grid
+from fcmae.runtime.checkpoint_file import read_checkpoint
+from fcmae.runtime.cli import check_output_file, exit_with
+from fcmae.runtime.errors import CheckpointError, UsageError
+from fcmae.runtime.weights import checkpoint_errors
+from fcmae.runtime.options import ArgParser, Device, Float, Int, Str, add, parse_with_config
+from fcmae.runtime.options import input_size as parse_input_size
 from models import create_fcmae
 from models.convert import from_canonical, in_chans_of, to_canonical
 from models.masking import mask_grid, num_visible, random_mask
-
 
 
 def checkpoint_settings(obj) -> dict:
@@ -49,7 +50,8 @@ def load_fcmae(path, device="cpu", mask_ratio: Optional[float] = None) -> Tuple[
     settings: model, in_chans, input_size (or None), mask_ratio (the checkpoint's unless given), norm_pix_loss,
     grn_stats, decoder_dim, decoder_depth, mean, std (None: the defaults for in_chans)."""
     obj = read_checkpoint(path)
-    name, layout, state = to_canonical(obj)
+    with checkpoint_errors():
+        name, layout, state = to_canonical(obj)
     if "mask_token" not in state:
         raise CheckpointError(f"{path} ({layout}) holds no FCMAE decoder: it is an encoder-only or fine-tuning "
                               "checkpoint, which cannot reconstruct images; pass a pretraining checkpoint")
@@ -115,7 +117,7 @@ def render(checkpoint, out: str, data_path: Optional[str] = None, num: int = 8,
 
 
 def build_parser() -> ArgParser:
-    p = ArgParser(prog="python -m tools.visualize", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="python -m fcmae.tools.visualize", description=__doc__.split("\n\n")[0])
     add(p, "-c", "--config", default=None, help="YAML file of option defaults")
     p.add_argument("checkpoint", help="FCMAE pretraining checkpoint (ours or the reference MinkowskiEngine layout)")
     add(p, "--out", kind=Str(), required=True, help="PNG file to write")

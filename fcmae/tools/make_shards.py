@@ -1,6 +1,6 @@
 """Pack an image folder into WebDataset tar shards for `--data-path 'OUT/train-{000000..000146}.tar'`.
 
-    python -m tools.make_shards FOLDER OUT [--shard-size 1GB] [--prefix train] [--overwrite]
+    python -m fcmae.tools.make_shards FOLDER OUT [--shard-size 1GB] [--prefix train] [--overwrite]
 
 Files are listed as the folder dataset lists them (fcmae.images: timm's reader, natural-sorted, the same
 extensions, .npy included), so shard sample i is folder sample i and the seeded order is the same. With class
@@ -23,11 +23,11 @@ import time
 
 from timm.data.readers.reader_image_folder import find_images_and_targets
 
-from fcmae.cli import run_cli
-from fcmae.options import ArgParser, Str, add, parse_with_config
-from fcmae.errors import DataError, UsageError
-from fcmae.images import IMAGE_EXTENSIONS
-from fcmae.shards import CLASSES_FILE, load_index
+from fcmae.data.decode import IMAGE_EXTENSIONS
+from fcmae.data.shards import CLASSES_FILE, load_index
+from fcmae.runtime.cli import run_cli
+from fcmae.runtime.errors import DataError, UsageError
+from fcmae.runtime.options import ArgParser, Str, add, parse_with_config
 
 UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12, "kib": 2 ** 10, "mib": 2 ** 20,
          "gib": 2 ** 30, "tib": 2 ** 40, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "t": 10 ** 12}
@@ -141,7 +141,7 @@ def make_shards(folder: str, out: str, shard_size: int, prefix: str = "train", o
 
 
 def build_parser() -> ArgParser:
-    p = ArgParser(prog="python -m tools.make_shards", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="python -m fcmae.tools.make_shards", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="image folder (class subfolders give labels)")
     p.add_argument("out", help="output folder for the shards, their indexes and classes.json")
     add(p, "--shard-size", kind=Str(), default="1GB", help="largest shard size: bytes or e.g. 500MB, 1GB (default 1GB)")

@@ -1,4 +1,4 @@
-"""The pretraining stage for the shared loop (fcmae/loop.py): the FCMAE model and what pretraining logs besides
+"""The pretraining stage for the shared loop (fcmae.runtime.loop): the FCMAE model and what pretraining logs besides
 the loss: reconstruction pictures and the collapse monitor (every --vis-every-epochs epochs), and the kNN
 monitor (every --knn-every-epochs epochs) on a labelled set."""
 import logging
@@ -7,14 +7,16 @@ from typing import List, Optional
 
 import torch
 
+from fcmae.data.bad_samples import BadImageMonitor
+from fcmae.runtime.loop import Loop, Stage
+
 from . import monitor
-from .images import BadImageMonitor
+from .data import PretrainData
 from .knn import all_visible_map, dense_encoder_map, knn_evaluate, pooled_features
-from .loop import Loop, Stage
+from .options import FORMAT
 from .visualize import reconstruction_grid
 
 log = logging.getLogger("fcmae")
-FORMAT = "fcmae-pretrain"
 
 
 class KnnMonitor:
@@ -44,13 +46,14 @@ class KnnMonitor:
 
 
 class PretrainStage(Stage):
+    """`data`: the unlabelled images (their normalisation), `dataset`: what the loader reads (seeded, masked)."""
+
     format = FORMAT
 
-    def __init__(self, model, net, dataset, device, vis_every_epochs: int = 1, knn: Optional[KnnMonitor] = None,
-                 prepare=None, mean=None, std=None, show_channels=None, description: str = ""):
-        self.model, self.net, self.device = model, net, device
-        self.vis_every, self.knn, self.prepare = vis_every_epochs, knn, prepare
-        self.mean, self.std, self.show_channels = mean, std, show_channels
+    def __init__(self, *, model, net, data: PretrainData, dataset, vis_every_epochs: int = 1,
+                 knn: Optional[KnnMonitor] = None, show_channels=None, description: str = ""):
+        self.model, self.net, self.data = model, net, data
+        self.vis_every, self.knn, self.show_channels = vis_every_epochs, knn, show_channels
         self.bad_images = BadImageMonitor(dataset)
         self.description = description
         # fixed images and masks: the first 4 for the reconstruction picture (comparable from epoch to epoch,
@@ -67,15 +70,14 @@ class PretrainStage(Stage):
     def poll_data(self):
         self.bad_images.poll()
 
-    def _inputs(self, imgs):
-        imgs = imgs.to(self.device)
-        return self.prepare(imgs, None)[0] if self.prepare else imgs.float()
+    def _inputs(self, imgs, device):
+        return self.data.prepare(imgs.to(device), None)[0]
 
     def at_boundary(self, loop: Loop, epoch_end: bool, last: bool):
         epochs_done = loop.epoch_number()
         if self.knn is not None and self.knn.due(epochs_done, epoch_end, last):
             t0 = time.time()
-            result = self.knn(self.model.encoder, self.device)
+            result = self.knn(self.model.encoder, loop.device)
             result.update(step=loop.step, epoch=epochs_done, seconds=round(time.time() - t0, 2))
             self.knn_results.append(result)
             log.info("step %d kNN top-1 %.2f top-5 %.2f (%d bank, %d query images, %.1f s)", loop.step,
@@ -85,13 +87,13 @@ class PretrainStage(Stage):
                 loop.writer.add_scalar("knn/top5", result["acc5"], loop.step)
         if not (last or (epoch_end and epochs_done % self.vis_every == 0)):
             return
-        imgs = self._inputs(self.monitor_imgs)
+        imgs = self._inputs(self.monitor_imgs, loop.device)
         collapse = monitor.collapse_stats(self.model.encoder, imgs)
         self.collapse = monitor.scalars(collapse)
         log.info("step %d %s", loop.step, monitor.summary(collapse))
         if loop.writer is not None:
-            picture = reconstruction_grid(self.model, imgs[:4], self.vis_masks.to(self.device), mean=self.mean,
-                                          std=self.std, show_channels=self.show_channels)
+            picture = reconstruction_grid(self.model, imgs[:4], self.vis_masks.to(loop.device), mean=self.data.mean,
+                                          std=self.data.std, show_channels=self.show_channels)
             loop.writer.add_image("reconstruction", picture, loop.step)
             for tag, value in self.collapse.items():
                 loop.writer.add_scalar(tag, value, loop.step)

@@ -4,7 +4,7 @@ Features: the encoder's final-stage map averaged over H and W, L2-normalised. Ea
 score_c = sum over its k most cosine-similar bank images i of class c of exp(sim_i / T); top-1 and top-5 are read
 off those scores. Under DDP every process extracts the features of its shard of the bank and of the queries, the
 bank is gathered on every process, and the correct counts are summed: the result equals one process's.
-Used by tools/knn_eval.py and by the kNN monitor during pretraining.
+Used by fcmae/tools/knn_eval.py and by the kNN monitor during pretraining.
 """
 from typing import Callable, Sequence
 

@@ -152,3 +152,19 @@ def make_loader(dataset, sampler: EpochSampler, batch_size: int, num_workers: in
     if num_workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)
     return DataLoader(dataset, **kwargs)
+
+
+class EpochLoader:
+    """A run's training batches: `dataset` seeded per sample (SeededDataset), its order fixed by (seed, epoch) and
+    sharded by rank (EpochSampler), served by one DataLoader whose workers persist (make_loader).
+    `epoch(epoch, start)` iterates the micro-batches of that epoch from sample `start` of this process's share."""
+
+    def __init__(self, dataset, *, seed: int, rank: int, world_size: int, batch_size: int, num_workers: int,
+                 pin_memory: bool = False, rngs: Sequence[str] = RNGS):
+        self.dataset = SeededDataset(dataset, seed=seed, rngs=rngs)
+        self.sampler = EpochSampler(len(self.dataset), seed=seed, rank=rank, world_size=world_size)
+        self.loader = make_loader(self.dataset, self.sampler, batch_size, num_workers, pin_memory=pin_memory)
+
+    def epoch(self, epoch: int, start: int = 0):
+        self.sampler.set_epoch(epoch, start=start)
+        return iter(self.loader)

@@ -1,17 +1,17 @@
-"""Errors that end a command, and their exit codes. A leaf: imports nothing of the project, so every module
-(models included) can raise them and every command-line entry point can map them to an exit code.
+"""Errors that end a command, and every exit code. A leaf: imports nothing of the project, so every module above
+models can raise them and every command-line entry point maps them to an exit code (fcmae.runtime.cli).
 
 Exit codes: 0 finished; 2 bad input (arguments, data, checkpoints); 3 non-finite loss, gradient or weights;
 4 a checkpoint, config or log could not be written (the previous checkpoint stays valid); 75 stopped by a
 signal (SIGTERM, SIGINT, SIGUSR1) after saving: rerun the same command to resume (EX_TEMPFAIL, so a requeue
-loop can tell a preempted run from a finished one).
+loop can tell a preempted run from a finished one); 130 interrupted (Ctrl-C) during start-up, nothing written.
 """
 
-EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_WRITE_FAILED = 4
 EXIT_STOPPED = 75
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(ValueError):

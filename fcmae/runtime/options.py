@@ -257,10 +257,6 @@ def input_size(values) -> tuple:
     return tuple(values)
 
 
-def to_yaml(args: argparse.Namespace) -> str:
-    return yaml.safe_dump(plain(args), sort_keys=True)
-
-
 def plain(args: argparse.Namespace) -> dict:
     """The options as plain YAML/JSON values (tuples as lists), as written to config.yaml and checkpoints."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
@@ -315,9 +311,16 @@ def add_data_loading_options(g):
         help="stop once more than this fraction of a folder's images turned out unreadable (0 to 1, default 0.01)")
     add(g, "--mean", kind=Float(), nargs="+", default=None,
         help="per-channel mean used to normalise inputs (C values; default: ImageNet's for 3 channels; see "
-             "python -m tools.data_stats)")
+             "python -m fcmae.tools.data_stats)")
     add(g, "--std", kind=Float(min=0, open_min=True), nargs="+", default=None,
         help="per-channel standard deviation (C values, > 0)")
+
+
+# options of add_run_options / add_data_loading_options (and a few more) that say how or how far to run, not what
+# is computed: free to change between a run and its resume (fcmae.runtime.run_start.StartRules)
+RUN_ONLY = frozenset({"config", "resume", "overwrite", "output_dir", "max_steps", "num_workers", "log_every",
+                      "save_every_steps", "keep_checkpoints", "device", "bad_image", "max_bad_fraction", "epochs",
+                      "compile"})
 
 
 def add_run_options(g, output_dir: str):

@@ -7,9 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from fcmae.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from models.masking import random_mask, visible_map
-
-from .data import IMAGENET_MEAN, IMAGENET_STD
 
 
 def denormalize(imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

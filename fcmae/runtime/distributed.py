@@ -8,9 +8,12 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -88,3 +91,20 @@ def device_for(device: str, dist_info: DistInfo) -> torch.device:
     if device.startswith("cuda") and dist_info.enabled:
         return torch.device(f"cuda:{dist_info.local_rank}")
     return torch.device(device)
+
+
+def in_process_group(device: str, run: Callable[[DistInfo], T]) -> T:
+    """`run(dist_info)` inside the process group of torchrun or srun (none in a single process), left at the end."""
+    dist_info = init_distributed(device)
+    try:
+        return run(dist_info)
+    finally:
+        cleanup()
+
+
+def wrap_ddp(module: torch.nn.Module, dist_info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """The module as the step runs it: DistributedDataParallel under DDP, else itself."""
+    if not dist_info.enabled:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[dist_info.local_rank]
+                                                     if device.type == "cuda" else None)

@@ -1,6 +1,6 @@
 """fcmae-convert: convert ConvNeXt V2 checkpoints between ours, timm, Hugging Face and the reference code.
 
-    python -m tools.convert INPUT OUTPUT --to {ours,timm,hf,reference} [--model convnextv2_atto] [--ema]
+    python -m fcmae.tools.convert INPUT OUTPUT --to {ours,timm,hf,reference} [--model convnextv2_atto] [--ema]
                             [--in-chans C] [--overwrite]
 
 The input layout is detected (our pretrain / fine-tune checkpoints, the reference MinkowskiEngine
@@ -12,18 +12,21 @@ checkpoint already has C channels. An existing OUTPUT is refused unless `--overw
 before the input is read). A bad input prints `error: <one line>` to stderr and exits with status 2.
 """
 import argparse
+import json
 import os
 import sys
 
+import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file as save_safetensors
 
-from fcmae.checkpoint_file import HF_WEIGHTS
-from fcmae.cli import check_writable_dir
-from fcmae.errors import UsageError
-from fcmae.options import ArgParser, Int, Str, add, parse_with_config
-from models.convert import TARGETS, CheckpointError, adapt_in_chans, in_chans_of, read_checkpoint, save_converted, \
-    to_canonical
-
+from fcmae.runtime.checkpoint_file import HF_WEIGHTS, read_checkpoint
+from fcmae.runtime.cli import check_writable_dir
+from fcmae.runtime.errors import CheckpointError, UsageError
+from fcmae.runtime.options import ArgParser, Int, Str, add, parse_with_config
+from fcmae.runtime.weights import checkpoint_errors
+from models.convert import (FINETUNE_FORMAT, PRETRAIN_FORMAT, TARGETS, adapt_in_chans, from_canonical, has_decoder,
+                            in_chans_of, to_canonical)
 
 TARGET_HELP = """targets:
   ours       fcmae-pretrain checkpoint (FCMAE.state_dict()) when the input has a decoder, else fcmae-finetune
@@ -90,16 +93,47 @@ def _check_writable(output: str, folder: str):
         raise UsageError(f"cannot write {output}: {e}") from None
 
 
+def save_converted(model_name: str, state, to: str, output) -> str:
+    """Write the canonical state dict as `to` at `output`; returns a short description of what was written.
+
+    ours -> torch.save of {"format", "model_name", "model"}; timm -> safetensors when `output` ends in
+    .safetensors, else torch.save; hf -> a directory with config.json + model.safetensors;
+    reference -> torch.save({"model": ...}) like the reference code's checkpoints."""
+    output = os.fspath(output)
+    result = from_canonical(model_name, state, to)
+    if to == "hf":
+        config, sd = result
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        save_safetensors(sd, os.path.join(output, HF_WEIGHTS), metadata={"format": "pt"})
+        return f"{config['architectures'][0]} directory"
+    if to == "ours":
+        fmt = PRETRAIN_FORMAT if has_decoder(state) else FINETUNE_FORMAT
+        torch.save({"format": fmt, "model_name": model_name, "model": result}, output)
+        return fmt
+    if to == "timm" and output.endswith(".safetensors"):
+        save_safetensors(result, output, metadata={"format": "pt"})
+        return "timm safetensors"
+    if to == "timm":
+        torch.save(result, output)
+        return "timm state dict"
+    torch.save({"model": result}, output)
+    return "reference MinkowskiEngine pretraining layout" if has_decoder(state) else "reference dense layout"
+
+
 def main(argv=None) -> int:
     try:
         args = parse_with_config(build_parser(), argv)
         # where the output goes is checked first: a long conversion should not end in "cannot write"
         check_output(args.output, args.to, args.overwrite)
-        name, layout, state = to_canonical(read_checkpoint(args.input), args.model, args.ema)
-        channels = in_chans_of(state)
-        if args.in_chans is not None:
-            state = adapt_in_chans(state, args.in_chans)
-        written = save_converted(name, state, args.to, args.output)
+        obj = read_checkpoint(args.input)
+        with checkpoint_errors():
+            name, layout, state = to_canonical(obj, args.model, args.ema)
+            channels = in_chans_of(state)
+            if args.in_chans is not None:
+                state = adapt_in_chans(state, args.in_chans)
+            written = save_converted(name, state, args.to, args.output)
     except (CheckpointError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,10 +1,10 @@
 """Per-channel mean and std of a folder of images, for the CLIs' normalisation (their `-c` reads the output):
 
-    python -m tools.data_stats FOLDER --in-chans C [--out stats.yaml] [--max-images N] [--num-workers 2]
+    python -m fcmae.tools.data_stats FOLDER --in-chans C [--out stats.yaml] [--max-images N] [--num-workers 2]
         [--bad-image skip|error] [--max-bad-fraction 0.01] [--seed 0]
 
-Each file is decoded as training decodes it (fcmae/images.py, `in_chans` channels), at full size and without
-augmentation: 8-bit sources scaled to 0..1 (the ImageNet convention, as fcmae.data.normalize scales them), deeper
+Each file is decoded as training decodes it (fcmae/data/decode.py, `in_chans` channels), at full size and without
+augmentation: 8-bit sources scaled to 0..1 (the ImageNet convention, as fcmae.data.normalization.normalize scales them), deeper
 ones in their own units. One streaming pass: each image's per-channel pixel count, mean and sum of squared
 deviations in float64, merged by Chan et al.'s pairwise formulas (no cancellation, even for 16-bit values). Every
 pixel weighs the same (a large image counts more than a small one); std is the population std (numpy's, ddof 0).
@@ -24,16 +24,14 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from fcmae.cli import check_writable_dir, run_cli
-from fcmae.options import ArgParser, Float, Int, Str, add, parse_with_config
-from fcmae.data import EIGHT_BIT, AsTensor
-from fcmae.errors import UsageError
-from fcmae.images import ImageFiles, describe, kind_of
-
-try:
-    from fcmae.logs import setup_logging
-except ImportError:  # before the CLI rework moved it
-    from fcmae.cli import setup_logging
+from fcmae.data.decode import describe, kind_of
+from fcmae.data.folders import ImageFiles
+from fcmae.data.normalization import EIGHT_BIT
+from fcmae.data.transforms import AsTensor
+from fcmae.runtime.cli import check_writable_dir, run_cli
+from fcmae.runtime.errors import UsageError
+from fcmae.runtime.logs import setup_logging
+from fcmae.runtime.options import ArgParser, Float, Int, Str, add, parse_with_config
 
 log = logging.getLogger("fcmae")
 PROGRESS_EVERY_S = 5.0
@@ -119,7 +117,7 @@ def to_yaml(stats: dict) -> str:
 
 
 def build_parser() -> ArgParser:
-    p = ArgParser(prog="python -m tools.data_stats", description=__doc__.split("\n\n")[0])
+    p = ArgParser(prog="python -m fcmae.tools.data_stats", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="folder of images (class subfolders or not), read as training reads it")
     add(p, "--in-chans", kind=Int(min=1, max=64), required=True, help="channels per image (files with others are bad)")
     add(p, "--out", kind=Str(optional=True), default=None, help="also write the YAML here")

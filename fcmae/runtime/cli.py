@@ -1,16 +1,13 @@
 """What every command-line entry point shares: errors as one line + exit code, output location checks.
 
-Exit codes are defined in fcmae/errors.py: 0 finished, 2 bad input, 3 non-finite numbers, 4 a write failed,
-75 stopped by a signal after saving (rerun to resume), 130 interrupted during start-up (nothing written).
+Exit codes are defined in fcmae/runtime/errors.py.
 """
 import os
 import sys
 import tempfile
 
-from .errors import BAD_INPUT, EXIT_USAGE, RunStopped, UsageError
+from .errors import BAD_INPUT, EXIT_INTERRUPTED, EXIT_USAGE, RunStopped, UsageError
 from .logs import report_error
-
-EXIT_INTERRUPTED = 130
 
 
 def check_writable_dir(path: str):

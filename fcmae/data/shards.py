@@ -3,7 +3,7 @@ files, read like an image folder (same seeded order, DDP sharding, exact resume 
 
 Layout (WebDataset's): consecutive tar members sharing a key form a sample, the key being the member name up to
 the first dot of its last path component (`n01440764/img_10026.jpg` -> key `n01440764/img_10026`, extension
-`jpg`). A sample's image is its first member with an image extension (fcmae.images.IMAGE_EXTENSIONS, .npy
+`jpg`). A sample's image is its first member with an image extension (fcmae.data.decode.IMAGE_EXTENSIONS, .npy
 included, any case), its label the integer in its optional `.cls` member (-1 without one). Other members are
 ignored, as are keys without an image. Class names come from a `classes.json` (a list of names in label order, as
 tools/make_shards writes it) next to the first shard when its length fits, else they are "0", "1", ...
@@ -17,8 +17,8 @@ a dependency, and its samples are dicts of raw bytes; an index of offsets is a f
 sample is one `os.pread` on a file descriptor opened lazily in each process (fork-safe: a forked worker opens
 its own, as the owning pid is checked).
 
-Decoding is fcmae.images.decode on the member's bytes, so a shard sample decodes exactly as the same file in a
-folder. Bad samples are skipped and counted exactly as for folders (TarShards has fcmae.images' bad-file protocol,
+Decoding is fcmae.data.decode.decode on the member's bytes, so a shard sample decodes exactly as the same file in a
+folder. Bad samples are skipped and counted exactly as for folders (TarShards has fcmae.data.decode's bad-file protocol,
 so BadImageMonitor polls it), named `<shard path>:<member name>`.
 
 Shard URLs (http, s3, gs): not supported; only local paths (a FUSE mount such as s3fs, gcsfuse or `rclone mount`
@@ -39,9 +39,11 @@ from typing import List, Optional
 
 import numpy as np
 
-from . import images
-from .errors import DataError
-from .images import IMAGE_EXTENSIONS
+from fcmae.runtime.errors import DataError
+from fcmae.runtime.files import atomic_write
+
+from .bad_samples import SkippingDataset
+from .decode import IMAGE_EXTENSIONS, decode, describe
 
 log = logging.getLogger("fcmae")
 
@@ -178,10 +180,8 @@ def _read_index(path: str, stamp: dict) -> Optional[dict]:
 
 def _write_json(path: str, obj: dict):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
-    os.replace(tmp, path)  # atomic: ranks indexing at once, or a kill mid-write, leave a whole file
+    # atomic: ranks indexing at once, or a kill mid-write, leave a whole file
+    atomic_write(path, lambda f: json.dump(obj, f, separators=(",", ":")), binary=False)
 
 
 def load_index(shard: str, rebuild: bool = False) -> dict:
@@ -221,18 +221,18 @@ def read_classes(folder: str, num_classes: int) -> List[str]:
 
 
 def decode_bytes(data: bytes, name: str, in_chans: int = 3, draft_side: Optional[int] = None):
-    """One sample's bytes by fcmae.images' rules (`decode`; the extension of `name` picks the reader), so a shard
+    """One sample's bytes by fcmae.data.decode's rules (`decode`; the extension of `name` picks the reader), so a shard
     sample decodes exactly as the same file in a folder. Raises (any exception) when it cannot be decoded."""
-    return images.decode(io.BytesIO(data), name, in_chans, draft_side=draft_side)
+    return decode(io.BytesIO(data), name, in_chans, draft_side=draft_side)
 
 
 # ---------------------------------------------------------------- dataset
 
 
-class TarShards(images.SkippingDataset):
+class TarShards(SkippingDataset):
     """(decoded image, label or -1) for each sample of the shards of `data_path` (a brace pattern, a .tar file or
     a folder of .tar files), in shard order then tar order; the transform, decoding, kind and bad-sample rules of
-    fcmae.images.ImageFiles, whose bad-file protocol it has (BadImageMonitor polls it): `input_size` allows
+    fcmae.data.folders.ImageFiles, whose bad-file protocol it has (BadImageMonitor polls it): `input_size` allows
     reduced-scale JPEG decoding, `bad_image` and `max_bad_fraction` set when bad samples stop the run, `in_chans`
     the channels every sample must have.
 
@@ -241,9 +241,9 @@ class TarShards(images.SkippingDataset):
     of the first sample that loads; samples of the other kind are bad)."""
 
     def __init__(self, data_path: str, transform=None, input_size=None, bad_image: str = "skip",
-                 max_bad_fraction: float = 0.01, in_chans: int = 3, rebuild_index: bool = False):
+                 max_bad_fraction: float = 0.01, in_chans: int = 3):
         self.shards = shard_paths(data_path)
-        cols = [load_index(s, rebuild=rebuild_index)["samples"] for s in self.shards]
+        cols = [load_index(s)["samples"] for s in self.shards]
         counts = [len(c["key"]) for c in cols]
         if sum(counts) == 0:
             raise DataError(f"no samples in the {len(self.shards)} shards of {data_path} (looked for members "
@@ -313,7 +313,7 @@ class TarShards(images.SkippingDataset):
         return int(self.targets[i])
 
     def reason(self, error: Exception, i: int) -> str:
-        return "empty file" if int(self.sizes[i]) == 0 else images.describe(error, "")
+        return "empty file" if int(self.sizes[i]) == 0 else describe(error, "")
 
     def close(self):
         if self._pid == os.getpid():
@@ -328,13 +328,13 @@ class TarShards(images.SkippingDataset):
 
 
 def open_dataset(data_path: str, **kwargs):
-    """TarShards when --data-path names shards (is_shards), else the image folder (fcmae.images.image_folder):
+    """TarShards when --data-path names shards (is_shards), else the image folder (fcmae.data.folders.image_folder):
     the one call the CLIs need. kwargs: transform, input_size, bad_image, max_bad_fraction (and class_to_idx
     for folders only)."""
     if is_shards(data_path):
         kwargs.pop("class_to_idx", None)
         return TarShards(data_path, **kwargs)
-    from .images import image_folder
+    from .folders import image_folder
 
     return image_folder(data_path, **kwargs)
 
