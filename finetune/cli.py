@@ -61,7 +61,8 @@ def datasets(args, train: bool = True) -> Datasets:
                           mean=args.mean, std=args.std, aa=args.aa, reprob=args.reprob, color_jitter=args.color_jitter,
                           train_subset=args.train_subset if train else None,
                           label_fraction=args.label_fraction if train else None, val_subset=args.val_subset,
-                          seed=args.seed, bad_image=args.bad_image, max_bad_fraction=args.max_bad_fraction)
+                          seed=args.seed, bad_image=args.bad_image, max_bad_fraction=args.max_bad_fraction,
+                          val_split=args.val_split if train else None)
 
 
 def to_channels_last(images, targets):
@@ -106,8 +107,9 @@ def train(args, dist_info, *, start: FinetuneStart, data: Datasets, steps_per_ep
 
     loader = EpochLoader(data.train, seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size,
                          batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    held_out = " held out from the training set (--val-split)" if args.val_split else ""
     description = (f"fine-tuning {args.model} on {len(data.train)} images ({args.nb_classes} classes, "
-                   f"{len(data.val)} val images) of {args.in_chans} channels at "
+                   f"{len(data.val)} val images{held_out}) of {args.in_chans} channels at "
                    f"{'x'.join(map(str, args.input_size))}: {steps_per_epoch} steps/epoch")
     if args.linear_probe:
         description += ("; linear probe: encoder frozen (eval mode, no gradients), head.norm + head.fc trained; "
