@@ -345,14 +345,14 @@ def test_finetune_with_a_bad_file_in_train_and_val(tmp_path, capsys):
     assert not list((tmp_path / "capped2").glob("checkpoint-*.pth"))
 
 
-@pytest.mark.parametrize("cli", ["fcmae.pretrain", "finetune.__main__"])
+@pytest.mark.parametrize("cli", ["fcmae.pretrain.cli", "finetune.cli"])
 @pytest.mark.parametrize("value", ["1.5", "-0.1", "nan"])
 def test_max_bad_fraction_is_checked(cli, value, tmp_path, capsys):
     import importlib
 
     entry = importlib.import_module(cli)
     with pytest.raises(SystemExit) as e:
-        (entry.cli if cli == "fcmae.pretrain" else entry.main)(["--max-bad-fraction", value, "--output-dir",
+        (entry.cli if cli == "fcmae.pretrain.cli" else entry.main)(["--max-bad-fraction", value, "--output-dir",
                                                                 str(tmp_path / "out")])
     assert e.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]

@@ -172,8 +172,8 @@ def fake_clis(monkeypatch):
     import finetune.cli
 
     fakes = FakeCLIs()
-    monkeypatch.setattr(fcmae.pretrain, "main", fakes.pretrain)
-    monkeypatch.setattr(finetune.__main__, "run", fakes.finetune)
+    monkeypatch.setattr(fcmae.pretrain.cli, "main", fakes.pretrain)
+    monkeypatch.setattr(finetune.cli, "run", fakes.finetune)
     return fakes
 
 
@@ -233,7 +233,7 @@ def test_a_stage_that_returns_incomplete_is_an_error(tmp_path, monkeypatch):
         os.makedirs(out, exist_ok=True)
         (open(os.path.join(out, "metrics.json"), "w")).write(json.dumps({"complete": False}))
 
-    monkeypatch.setattr(finetune.__main__, "run", incomplete)
+    monkeypatch.setattr(finetune.cli, "run", incomplete)
     with pytest.raises(RuntimeError, match="without a complete metrics.json"):
         E.main(["--budget", "smoke", "--work-dir", str(tmp_path), "--num-workers", "0", "--arm", "scratch"])
     assert not any(k.startswith("finetune_") for k in json.loads((tmp_path / "timings.json").read_text()))

@@ -20,6 +20,8 @@ import torch
 
 from fcmae.pretrain.cli import main as pretrain_main
 from fcmae.runtime import checkpoints as ckpt
+from fcmae.runtime.checkpoint_file import read_checkpoint
+from fcmae.runtime.files import TMP_PREFIX
 from fcmae.runtime.cli import run_cli
 from fcmae.runtime.errors import EXIT_NONFINITE, EXIT_STOPPED, EXIT_USAGE, EXIT_WRITE_FAILED
 
@@ -114,7 +116,7 @@ def stop_at(cmd, step: int, sig) -> subprocess.Popen:
 
 
 def no_temporaries(out):
-    return not [f for f in os.listdir(out) if f.startswith(ckpt.TMP_PREFIX)]
+    return not [f for f in os.listdir(out) if f.startswith(TMP_PREFIX)]
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +276,7 @@ def test_real_full_disk_keeps_the_previous_checkpoint(tmpfs, data, uninterrupted
     assert f"the previous checkpoint {first} is intact" in line, line
     assert "rerun the same command to resume" in line
     assert ckpt.list_checkpoints(str(out)) == [str(first)]
-    assert ckpt.load(str(first))["step"] == 1
+    assert read_checkpoint(str(first))["step"] == 1
     assert no_temporaries(out)
     assert "error: could not write checkpoint" in (out / "log.txt").read_text()  # the log says why it stopped
 
@@ -319,7 +321,7 @@ def test_full_disk_monkeypatched_keeps_the_previous_checkpoint(tmp_path, data, m
     assert f"the previous checkpoint {tmp_path / 'checkpoint-00000001.pth'} is intact" in line
     assert "Traceback" not in err
     assert ckpt.list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-00000001.pth")]
-    assert ckpt.load(str(tmp_path / "checkpoint-00000001.pth"))["step"] == 1
+    assert read_checkpoint(str(tmp_path / "checkpoint-00000001.pth"))["step"] == 1
     assert no_temporaries(tmp_path)  # the partial file is gone
 
 
@@ -328,7 +330,7 @@ def test_full_disk_monkeypatched_keeps_the_previous_checkpoint(tmp_path, data, m
 
 
 def all_finite(path):
-    return all(bool(torch.isfinite(v).all()) for v in ckpt.load(path)["model"].values() if v.is_floating_point())
+    return all(bool(torch.isfinite(v).all()) for v in read_checkpoint(path)["model"].values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("extra", [["--lr", "1e6"], ["--lr", "1e30"], ["--lr", "1e38"],
@@ -363,7 +365,7 @@ def test_weights_turning_non_finite_after_a_resume_keep_the_last_checkpoint(tmp_
 def test_nan_weights_in_the_newest_checkpoint_are_refused(tmp_path, data, capsys):
     assert run_cli(pretrain_main, small_pretrain(tmp_path, data, "--max-steps", "2", "--save-every-steps", "1")) == 0
     newest = str(tmp_path / "checkpoint-00000002.pth")
-    state = ckpt.load(newest)
+    state = read_checkpoint(newest)
     key = next(k for k, v in state["model"].items() if v.is_floating_point())
     state["model"][key][0] = float("nan")
     torch.save(state, newest)
@@ -415,7 +417,7 @@ def test_skip_nonfinite_skips_exactly_k_updates(tmp_path, data, monkeypatch, cap
     assert code == 0, err
     for step, k in [(2, 1), (4, 2)]:
         assert f"step {step}: non-finite loss (nan), update skipped ({k} of 2 allowed by --skip-nonfinite)" in err
-    states = {s: ckpt.load(str(out / f"checkpoint-0000000{s}.pth")) for s in range(1, 7)}
+    states = {s: read_checkpoint(str(out / f"checkpoint-0000000{s}.pth")) for s in range(1, 7)}
     for before, after, skipped in [(1, 2, True), (2, 3, False), (3, 4, True), (4, 5, False)]:
         same = all(torch.equal(states[before]["model"][k], v) for k, v in states[after]["model"].items())
         assert same == skipped, (before, after)
@@ -451,7 +453,7 @@ def test_resume_none_into_another_runs_folder(tmp_path, data, capsys):
     assert run_cli(pretrain_main, fresh + ["--overwrite"]) == 0
     kept = ckpt.list_checkpoints(str(out))
     assert kept == [str(out / "checkpoint-00000002.pth"), str(out / "checkpoint-00000001.pth")], kept
-    assert ckpt.load(kept[0])["args"]["seed"] == 0  # the new run's
+    assert read_checkpoint(kept[0])["args"]["seed"] == 0  # the new run's
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["complete"]
     assert [s for s, _ in tensorboard_scalars(out, "train/loss")] == [1, 2]  # the old run's curve is gone
@@ -471,7 +473,7 @@ def test_resume_with_changed_settings(tmp_path, data, capsys):
     assert "resuming with changed settings" in log_text and "batch_size 4 -> 2" in log_text
     # what the warning announces is what the resumed run does: the optimiser's groups take the new weight decay
     # (optimizer.load_state_dict would otherwise bring back the checkpoint's)
-    groups = ckpt.load(str(out / "checkpoint-00000002.pth"))["optimizer"]["param_groups"]
+    groups = read_checkpoint(str(out / "checkpoint-00000002.pth"))["optimizer"]["param_groups"]
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.1], groups
     for extra, message in [(["--in-chans", "1"], "was trained with --in-chans 3 but this run has 1"),
                            (["--model", "convnextv2_femto"],

@@ -1,0 +1,1 @@
+"""The FCMAE pretraining stage: `python -m fcmae.pretrain` (fcmae/pretrain/cli.py)."""
