@@ -583,9 +583,10 @@ def plot_arms(path: str, arms: Dict[str, dict]):
 
 def loss_curve(run_dir: str) -> List[Tuple[int, float]]:
     """(step, mean loss) points of a pretraining run, from its newest checkpoint's loss history."""
-    from fcmae.runtime import checkpoints as ckpt
+    from fcmae.runtime.checkpoint_file import read_checkpoint
+    from fcmae.runtime.checkpoints import list_checkpoints
 
-    history = ckpt.load(ckpt.list_checkpoints(run_dir)[0]).get("history") or {}
+    history = read_checkpoint(list_checkpoints(run_dir)[0]).get("history") or {}
     if isinstance(history, list):  # older checkpoints kept every loss
         return list(enumerate(history, 1))
     return [(int(p[0]), float(p[1])) for p in history.get("curve", [])]
