@@ -8,7 +8,7 @@ import collections.abc
 
 INSTALL_HINT = (
     "MinkowskiEngine is not installed. Run `bash tools/setup.sh` (it builds MinkowskiEngine 0.5.4 CPU-only, "
-    "about 8 minutes), or see the README section 'MinkowskiEngine'."
+    "about 8 minutes), or see docs/at-scale.md, section 'MinkowskiEngine'."
 )
 
 

@@ -26,13 +26,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; return "${PIPESTATUS[0]}"; }
-# (re)install when the venv is new or setup.py changed since the last install (new dependencies)
-STAMP="$VENV/.fcmae-installed-setup.py"
-if ! cmp -s setup.py "$STAMP" || ! "$VENV/bin/python" -c "import fcmae, timm, torch, transformers" >/dev/null 2>&1; then
+# (re)install when the venv is new or the packaging changed since the last install (new dependencies)
+STAMP="$VENV/.fcmae-installed-packaging"
+if ! cat pyproject.toml setup.py | cmp -s - "$STAMP" || ! "$VENV/bin/python" -c "import fcmae, timm, torch, transformers" >/dev/null 2>&1; then
   echo "[setup] installing the package (torch 2.14.1 comes from the local package cache)"
   quiet $PIP install -q --upgrade pip wheel setuptools
+  # The tested torch first: pyproject.toml admits a range, and pip would otherwise fetch the newest build in it.
+  quiet $PIP install -q torch==2.14.1 torchvision==0.29.1
   quiet $PIP install -q -e ".[dev]"
-  cp setup.py "$STAMP"
+  cat pyproject.toml setup.py > "$STAMP"
 fi
 
 if [ -z "${FCMAE_NO_MINKOWSKI:-}" ] && ! "$VENV/bin/python" -c "import models.minkowski_compat as m; m.import_minkowski()" >/dev/null 2>&1; then
