@@ -42,16 +42,24 @@ Readers:
     have the wrong channel count.
 - JPEGs much larger than needed are decoded at a reduced scale (libjpeg's DCT scaling, PIL `draft`), keeping both
   sides at least 2x the largest input side, so a 24-megapixel photo costs a fraction of a full decode;
-- a file of more than MAX_PIXELS pixels is unreadable ("decompression bomb"), judged from its header alone.
+- decompression bombs: a file of more than MAX_PIXELS pixels, or one that would decode to more than
+  MAX_DECODED_BYTES bytes (width x height x bands x bytes per sample, summed over the pages of a TIFF stack: the
+  pixel limit alone lets a 10 KB deflate TIFF of many bands or float64 samples decode to gigabytes), is unreadable,
+  judged from its header before anything is decoded (PIL: the mode after the JPEG draft; tifffile: the page's
+  shape and sample type; .npy: the array header). PIL's own DecompressionBombWarning threshold is raised to
+  MAX_PIXELS, so images under this module's limits (and the transforms' crops of them) do not warn;
+- only regular files are opened (`open_file`): a FIFO or device named like an image is unreadable at once
+  instead of blocking the reader for ever or reading without end.
 """
 import logging
 import os
+import stat
 import warnings
 from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from .normalization import EIGHT_BIT, GREY_MEAN, HIGH_BIT_DEPTH, IMAGENET_MEAN
 
@@ -67,7 +75,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 TIFF_EXTENSIONS = (".tif", ".tiff")
 MEAN_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)  # (124, 116, 104)
 MEAN_GREY = round(255 * GREY_MEAN[0])  # 114
-MAX_PIXELS = 178_956_970  # PIL's own hard decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS), so both agree
+MAX_PIXELS = 178_956_970  # PIL's default hard decompression-bomb limit (2 x its default Image.MAX_IMAGE_PIXELS)
+MAX_DECODED_BYTES = 3 * MAX_PIXELS  # an 8-bit RGB image at the pixel limit, about 537 MB
+# PIL warns above MAX_IMAGE_PIXELS pixels (half our limit), also when the transforms crop a large image; our own
+# limits are checked from each file's header, so its warning would only be noise (its hard limit becomes 2x ours)
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 Decoded = Union[Image.Image, torch.Tensor]
@@ -98,16 +110,35 @@ def decode(f, name: str, in_chans: int = 3, draft_side: Optional[int] = None) ->
         return _pil_bands(img, in_chans)
 
 
+def open_file(path: str):
+    """The regular file at `path` opened for binary reading. Anything else named like an image raises at once: a
+    FIFO would block its reader until a writer comes (it is opened non-blocking to find out), a device such as
+    /dev/zero reads without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "a folder, not a file", path)
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            raise ValueError(f"{kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load(path: str, in_chans: int = 3, draft_side: Optional[int] = None) -> Decoded:
-    """`decode` of the file at `path`."""
-    with open(path, "rb") as f:
+    """`decode` of the file at `path` (a regular file: `open_file`)."""
+    with open_file(path) as f:
         return decode(f, path, in_chans, draft_side)
 
 
 def load_rgb(path: str, draft_side: Optional[int] = None) -> Image.Image:
     """An 8-bit RGB PIL image of any file PIL reads, by the photo rules (whatever its depth); raises when it
     cannot be read."""
-    with open(path, "rb") as f, warnings.catch_warnings():
+    with open_file(path) as f, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return to_rgb(_open_pil(f, draft_side))
 
@@ -120,7 +151,14 @@ def kind_of(img: Decoded) -> str:
 def _check_pixels(height: int, width: int):
     if height * width > MAX_PIXELS:
         raise ValueError(f"{width}x{height} = {width * height} pixels, over the limit of {MAX_PIXELS} "
-                         "(fcmae.images.MAX_PIXELS)")
+                         "(fcmae.data.decode.MAX_PIXELS)")
+
+
+def _check_bytes(nbytes: int, what: str):
+    """`what` (its shape and sample type, from the header) would decode to `nbytes`: refused over the limit."""
+    if nbytes > MAX_DECODED_BYTES:
+        raise ValueError(f"{what} would decode to {nbytes:,} bytes, over the limit of {MAX_DECODED_BYTES:,} bytes "
+                         "(fcmae.data.decode.MAX_DECODED_BYTES; a decompression bomb?)")
 
 
 def _open_pil(f, draft_side: Optional[int]) -> Image.Image:
@@ -128,6 +166,9 @@ def _open_pil(f, draft_side: Optional[int]) -> Image.Image:
     _check_pixels(img.height, img.width)
     if draft_side and img.format == "JPEG":
         img.draft(None, (draft_side, draft_side))  # scale 1/2, 1/4 or 1/8, each side kept >= draft_side
+    mode = ImageMode.getmode(img.mode)
+    _check_bytes(img.width * img.height * len(mode.bands) * np.dtype(mode.typestr).itemsize,
+                 f"a {img.width}x{img.height} {img.mode} image")
     img.load()
     ImageOps.exif_transpose(img, in_place=True)
     return img
@@ -199,6 +240,7 @@ def _read_npy(f):
     if dtype.kind not in "biuf":
         raise ValueError(f"a .npy array of {dtype}; expected integers, floats or booleans")
     _check_pixels(shape[0], shape[1])
+    _check_bytes(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, f"a .npy array of shape {shape} and {dtype}")
     f.seek(0)
     a = np.load(f, allow_pickle=False)
     planes = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
@@ -214,9 +256,14 @@ def _read_tiff(f, in_chans: int):
             raise ValueError("a TIFF without a full-resolution page")
         first = pages[0]
         _check_pixels(first.imagelength, first.imagewidth)
+        if first.dtype is None or first.dtype.kind not in "biuf":  # before the channel check, which would misname it
+            kind = "an unsupported sample format" if first.dtype is None else f"{first.dtype} samples"
+            raise ValueError(f"a TIFF of {kind}; expected integers, floats or booleans")
         if in_chans > 1 and len(pages) == in_chans and all(
                 p.samplesperpixel == 1 and len(p.shape) == 2 and p.shape == first.shape and p.dtype == first.dtype
                 for p in pages):
+            _check_bytes(sum(p.nbytes for p in pages), f"a TIFF stack of {len(pages)} pages of {first.shape} "
+                                                       f"{first.dtype}")
             return np.stack([p.asarray() for p in pages]), f", a TIFF stack of {len(pages)} pages"
         spp, photometric = first.samplesperpixel, first.photometric
         photo_like = (photometric in (PHOTOMETRIC.MINISBLACK, PHOTOMETRIC.MINISWHITE) and spp <= 2
@@ -226,6 +273,7 @@ def _read_tiff(f, in_chans: int):
         eight_bit = first.dtype in (np.uint8, np.bool_)
         if photo_like and (eight_bit and in_chans in (1, 3) or in_chans == 3 and spp == 1):
             return None
+        _check_bytes(first.nbytes, f"a TIFF page of shape {first.shape} and {first.dtype}")
         axes, a = first.axes, first.asarray()
         if axes == "YX":
             planes = a[None]
