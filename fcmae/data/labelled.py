@@ -69,9 +69,8 @@ def _shard_pair(train_dir: str, val_dir: str, train_tf, val_tf, **options):
     from .shards import TarShards
 
     train, val = TarShards(train_dir, transform=train_tf, **options), TarShards(val_dir, transform=val_tf, **options)
-    for ds, where in ((train, train_dir), (val, val_dir)):
-        if (np.asarray(ds.targets) < 0).any():
-            raise DataError(f"{where}: {int((np.asarray(ds.targets) < 0).sum())} samples have no .cls label")
+    for ds in (train, val):
+        ds.check_labels()  # every sample labelled, each label a class index (a bad one is refused, not skipped)
     if val.num_classes > train.num_classes:
         raise DataError(f"{val_dir} has labels up to {val.num_classes - 1}, train/ only up to {train.num_classes - 1}")
     return train, val, list(train.classes)
