@@ -35,14 +35,27 @@ from fcmae.runtime.options import ArgParser, Float, Int, Str, add, parse_with_co
 
 log = logging.getLogger("fcmae")
 PROGRESS_EVERY_S = 5.0
+CHUNK_PIXELS = 2 ** 22  # pixels per float64 pass over a large image: 32 MB per channel
 
 
 def image_moments(img):
     """(pixels per channel, per-channel mean (C,), per-channel sum of squared deviations (C,)), float64; 8-bit
-    images scaled to 0..1."""
-    x = AsTensor()(img).double().flatten(1)
-    if kind_of(img) == EIGHT_BIT:
-        x /= 255
+    images scaled to 0..1. Large images go CHUNK_PIXELS at a time (merged as Moments merges images), so the
+    float64 copy stays a few dozen MB per channel instead of 8 bytes per sample of the whole image."""
+    x = AsTensor()(img).flatten(1)
+    scale = 255 if kind_of(img) == EIGHT_BIT else None
+    if x.shape[1] <= CHUNK_PIXELS:
+        return _moments(x, scale)
+    total = Moments(x.shape[0])
+    for start in range(0, x.shape[1], CHUNK_PIXELS):
+        total.add(*_moments(x[:, start:start + CHUNK_PIXELS], scale))
+    return total.n, total.mean, total.m2
+
+
+def _moments(x, scale):
+    x = x.double()
+    if scale:
+        x /= scale
     mean = x.mean(dim=1)
     return x.shape[1], mean, ((x - mean[:, None]) ** 2).sum(dim=1)
 
