@@ -114,18 +114,18 @@ def open_file(path: str):
     """The regular file at `path` opened for binary reading. Anything else named like an image raises at once: a
     FIFO would block its reader until a writer comes (it is opened non-blocking to find out), a device such as
     /dev/zero reads without end."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    f = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))  # f.name stays the path
     try:
-        mode = os.fstat(fd).st_mode
+        mode = os.fstat(f.fileno()).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(21, "a folder, not a file", path)
         if not stat.S_ISREG(mode):
             kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
             raise ValueError(f"{kind}, not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        os.set_blocking(f.fileno(), True)
+        return f
     except BaseException:
-        os.close(fd)
+        f.close()
         raise
 
 
