@@ -693,3 +693,24 @@ def test_no_pil_bomb_warning_under_our_own_limit():
         warnings.simplefilter("always")
         img.crop((0, 0, 10_000, 9_500))
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_the_walk_lists_an_ordinary_tree_exactly_as_timm(tmp_path):
+    """Valid data unchanged: nested class folders, natural-order ties (img01/img1, case), other extensions, a link
+    to a folder elsewhere and a link to a file: the same (path, target) list and classes as timm's reader."""
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+
+    from fcmae.data.decode import IMAGE_EXTENSIONS
+    from fcmae.data.folders import find_images
+
+    root = tmp_path / "tree"
+    for rel in ["cat/img1.png", "cat/img01.png", "cat/IMG1.PNG", "cat/sub/deep 2.jpg", "cat/sub/deep 10.jpg",
+                "dog/a.v2.npy", "dog/notes.txt", "dog/b.TIF", "zebra/x/y/z.webp", "top.png"]:
+        os.makedirs((root / rel).parent, exist_ok=True)
+        (root / rel).write_bytes(b"x")
+    labelled_folder(tmp_path / "elsewhere", 2, classes=("far",))
+    os.symlink(str(tmp_path / "elsewhere" / "far"), root / "far")
+    os.symlink(str(tmp_path / "elsewhere" / "far" / "0.png"), root / "dog" / "linked.png")
+    for class_to_idx in (None, {"cat": 0, "far": 1}):
+        assert find_images(str(root), class_to_idx=class_to_idx) == find_images_and_targets(
+            str(root), types=IMAGE_EXTENSIONS, class_to_idx=class_to_idx)
