@@ -691,7 +691,7 @@ def test_no_pil_bomb_warning_under_our_own_limit():
     assert 9_500 * 10_000 <= decode_module.MAX_PIXELS
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        img.crop((0, 0, 10_000, 9_500))
+        img.crop((0, 0, 10_000, 9_400))  # not the whole image: PIL copies that without a check
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
