@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from fcmae.pretrain import knn
-from fcmae.pretrain.monitor import collapse_stats, scalars
+from fcmae.pretrain.monitor import collapse_scalars, collapse_stats
 from fcmae.runtime.checkpoint_file import read_checkpoint
 from fcmae.runtime.weights import timm_encoder
 from finetune.cli import run as finetune
@@ -93,7 +93,7 @@ def test_monitor_grn_norms():
     depths, hidden = (2, 2, 6, 2), (160, 320, 640, 1280)
     assert stats["gamma_norm"] == pytest.approx([math.sqrt(h) * (d + 1) / 2 for d, h in zip(depths, hidden)])
     assert stats["beta_norm"] == pytest.approx([2 * math.sqrt(h) for h in hidden])
-    tags = scalars(stats)
+    tags = collapse_scalars(stats)
     assert len(tags) == 12 and tags["grn/stage2_gamma_norm"] == stats["gamma_norm"][2]
     assert tags["collapse/stage3_dead_fraction"] == stats["dead_fraction"][3]
 

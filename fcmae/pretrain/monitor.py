@@ -75,7 +75,7 @@ def collapse_stats(encoder: nn.Module, images: torch.Tensor) -> Dict[str, List[f
     return stats
 
 
-def scalars(stats: Dict[str, List[float]]) -> Dict[str, float]:
+def collapse_scalars(stats: Dict[str, List[float]]) -> Dict[str, float]:
     """TensorBoard tags -> values: collapse/stage{i}_dead_fraction, grn/stage{i}_gamma_norm, grn/stage{i}_beta_norm."""
     out = {}
     for i, value in enumerate(stats["dead_fraction"]):
@@ -86,7 +86,7 @@ def scalars(stats: Dict[str, List[float]]) -> Dict[str, float]:
     return out
 
 
-def summary(stats: Dict[str, List[float]]) -> str:
+def collapse_summary(stats: Dict[str, List[float]]) -> str:
     """One log line."""
     def fmt(values, spec):
         return " ".join(format(v, spec) for v in values)

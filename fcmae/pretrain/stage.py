@@ -10,9 +10,9 @@ import torch
 from fcmae.data.bad_samples import BadImageMonitor
 from fcmae.runtime.loop import Loop, Stage
 
-from . import monitor
 from .data import PretrainData
 from .knn import all_visible_map, dense_encoder_map, knn_evaluate, pooled_features
+from .monitor import collapse_scalars, collapse_stats, collapse_summary
 from .options import FORMAT
 from .visualize import reconstruction_grid
 
@@ -88,9 +88,9 @@ class PretrainStage(Stage):
         if not (last or (epoch_end and epochs_done % self.vis_every == 0)):
             return
         imgs = self._inputs(self.monitor_imgs, loop.device)
-        collapse = monitor.collapse_stats(self.model.encoder, imgs)
-        self.collapse = monitor.scalars(collapse)
-        log.info("step %d %s", loop.step, monitor.summary(collapse))
+        collapse = collapse_stats(self.model.encoder, imgs)
+        self.collapse = collapse_scalars(collapse)
+        log.info("step %d %s", loop.step, collapse_summary(collapse))
         if loop.writer is not None:
             picture = reconstruction_grid(self.model, imgs[:4], self.vis_masks.to(loop.device), mean=self.data.mean,
                                           std=self.data.std, show_channels=self.show_channels)
