@@ -79,7 +79,8 @@ def datasets(args, train: bool = True):
                           mean=args.mean, std=args.std, aa=args.aa, reprob=args.reprob, color_jitter=args.color_jitter,
                           train_subset=args.train_subset if train else None,
                           label_fraction=args.label_fraction if train else None, val_subset=args.val_subset,
-                          seed=args.seed, bad_image=args.bad_image, max_bad_fraction=args.max_bad_fraction)
+                          seed=args.seed, bad_image=args.bad_image, max_bad_fraction=args.max_bad_fraction,
+                          val_split=args.val_split if train else None)
 
 
 def resolve_model(args, found: str, source: str):
@@ -252,8 +253,9 @@ def train(args, dist_info, start, data, steps_per_epoch) -> dict:
 
     train_set = SeededDataset(data.train, seed=args.seed)
     sampler = EpochSampler(len(train_set), seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size)
+    held_out = " held out from the training set (--val-split)" if args.val_split else ""
     description = (f"fine-tuning {args.model} on {len(train_set)} images ({args.nb_classes} classes, {len(data.val)} "
-                   f"val images) of {args.in_chans} channels at {'x'.join(map(str, args.input_size))}: "
+                   f"val images{held_out}) of {args.in_chans} channels at {'x'.join(map(str, args.input_size))}: "
                    f"{steps_per_epoch} steps/epoch")
     if args.linear_probe:
         description += ("; linear probe: encoder frozen (eval mode, no gradients), head.norm + head.fc trained; "

@@ -57,6 +57,12 @@ def build_parser() -> ArgParser:
     add(g, "--label-fraction", kind=Float(min=0, max=1, open_min=True), default=None,
         help="train on a seeded, class-stratified fraction of the labelled images (e.g. 0.01, 0.1)")
     add(g, "--val-subset", kind=Int(min=1), default=None, help="evaluate on a seeded, class-stratified subset of N")
+    add(g, "--val-split", kind=Int(min=1), default=None,
+        help="hold out N class-stratified training images (drawn with a fixed split seed, the same for every --seed) "
+             "as the validation set evaluated during training and choosing checkpoint-best.pth; the data's val/ "
+             "(Fashion-MNIST: the test set) is then not read, and --train-subset/--label-fraction draw from the "
+             "other training images (--label-fraction still of the whole training set: 0.01 of Fashion-MNIST is "
+             "600). --eval ignores it and evaluates on val/")
     add_data_loading_options(g)
     add(g, "--aa", kind=Str(optional=True), default="rand-m9-mstd0.5-inc1",
         help="timm auto-augment policy (rand-..., augmix-..., original, v0, ...), or 'none' (RGB only)")
@@ -132,6 +138,8 @@ def validate(args):
     args.input_size = input_size(args.input_size)
     if args.train_subset is not None and args.label_fraction is not None:
         raise UsageError("give --train-subset or --label-fraction, not both")
+    if args.val_split is not None and args.val_subset is not None and not args.eval:
+        raise UsageError("give --val-split (a held-out part of the training set) or --val-subset, not both")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UsageError(f"mixup/cutmix pair images within a batch: --batch-size must be even, got {args.batch_size}")
     if args.aa in ("none", ""):

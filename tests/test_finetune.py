@@ -189,6 +189,7 @@ def test_demo_config_is_the_readme_path(pretrained):
     demo.finetune = pretrained  # the real one is made by the README's first command
     validate(demo)
     assert demo.label_fraction == 0.1 and demo.input_size == (64, 64)
+    assert demo.val_split == 6000  # checkpoint-best is picked on held-out training images, not the test set
 
 
 def test_randaugment_posterize_zero_bits():
