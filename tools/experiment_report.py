@@ -420,7 +420,7 @@ def render(results: dict) -> str:
          "used by this run)", timing_table(rows)),
     ]
     for title, table in sections:
-        if table:
+        if len(table) > 2:  # a header alone: nothing measured yet
             lines += [f"## {title}", "", *table, ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -431,7 +431,7 @@ def readme_block(results: dict, link: str = "docs/experiment/evidence/results.md
     lines = [BEGIN, "", claim_sentence(rows, claim_group(results)), "",
              f"Stages done: {progress.get('done', 0)} of {progress.get('total', 0)}. Every value, the grids, "
              f"the ablations, feature diversity and wall times: [{link}]({link}).", ""]
-    for table in (claim_table(rows, claim_group(results)), accuracy_table(rows)):
+    for table in (claim_table(rows, claim_group(results)), accuracy_table(rows), pixel_table(rows)):
         if len(table) > 2:
             lines += [*table, ""]
     return "\n".join(lines + [END])
