@@ -484,6 +484,7 @@ def test_evidence_study_protocol_and_caching(tmp_path, fake_evidence_clis):
     assert "**Claim: the one-sided 95% lower bound" in md and "| V2-FCMAE | 2 | p0 +7.00, p1 +7.00 |" in md
     timings = R.select(rows, metric="stage_wall_seconds")
     assert len(timings) == V.planned_stages(TINY) and len({r["stage_name"] for r in timings}) == len(timings)
+    assert {r["threads"] for r in timings} == {torch.get_num_threads()}
 
     # again: nothing runs, the same rows (wall times included); --report-only likewise
     evaluations = (work / "evaluations.json").read_text()

@@ -180,7 +180,8 @@ class Runner:
         log.info("stage %s: starting", name)
         result = fn()
         self.stats[name] = {"kind": kind, "wall_seconds": time.time() - t0, "cpu_seconds": cpu_seconds() - c0,
-                            "load_avg_1m": os.getloadavg()[0], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                            "load_avg_1m": os.getloadavg()[0], "threads": torch.get_num_threads(),
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         E.write_json(self.stats_path, self.stats)
         return result
 
@@ -217,7 +218,7 @@ class Runner:
         if s is None:  # finished in a work dir from before stages.json: no timing to report
             return []
         return [row(metric="stage_wall_seconds", value=s["wall_seconds"], kind=s["kind"], stage_name=name,
-                    cpu_seconds=s["cpu_seconds"], load_avg_1m=s["load_avg_1m"], **fields)]
+                    cpu_seconds=s["cpu_seconds"], load_avg_1m=s["load_avg_1m"], threads=s.get("threads"), **fields)]
 
     def guarded(self, what: str, fn: Callable[[], List[dict]], run: bool) -> List[dict]:
         """A group's stages; with run, a failure is logged and recorded and the study goes on."""

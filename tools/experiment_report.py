@@ -359,8 +359,8 @@ def timing_table(rows) -> List[str]:
     if not stages:
         return []
     lines = ["| stages | count | wall minutes | CPU seconds / wall second | 1-min load average at the end "
-             "(mean, max) |",
-             "|---|---|---|---|---|"]
+             "(mean, max) | torch threads |",
+             "|---|---|---|---|---|---|"]
     total = 0.0
     for kind, name in STAGE_KINDS:
         rs = [r for r in stages if r["kind"] == kind]
@@ -370,9 +370,10 @@ def timing_table(rows) -> List[str]:
         total += wall
         cpu = sum(r["cpu_seconds"] for r in rs)
         loads = [r["load_avg_1m"] for r in rs]
+        threads = sorted({str(r.get("threads") or "not recorded") for r in rs})
         lines.append(f"| {name} | {len(rs)} | {wall / 60:.1f} | {cpu / wall:.2f} | {sum(loads) / len(loads):.2f}, "
-                     f"{max(loads):.2f} |")
-    lines.append(f"| all | {len(stages)} | {total / 60:.1f} | | |")
+                     f"{max(loads):.2f} | {', '.join(threads)} |")
+    lines.append(f"| all | {len(stages)} | {total / 60:.1f} | | | |")
     return lines
 
 
@@ -416,8 +417,8 @@ def render(results: dict) -> str:
           for x in comparison_table(rows, [g["arm"] for g in masking if g["epochs"] == e], e)]),
         ("Feature diversity (the paper's feature cosine distance, per stage: mean over its blocks and the images; "
          "95% percentile bootstrap over images in brackets)", diversity_table(rows)),
-        ("Wall time of the stages as measured in the run (CPU seconds per wall second near 2 = both cores "
-         "used by this run)", timing_table(rows)),
+        ("Wall time of the stages as measured in the run (CPU seconds per wall second: how many cores the "
+         "stage's processes used on average)", timing_table(rows)),
     ]
     for title, table in sections:
         if len(table) > 2:  # a header alone: nothing measured yet
