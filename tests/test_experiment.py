@@ -274,3 +274,307 @@ def test_smoke_budget_end_to_end(tmp_path):
     assert all((p == 0).all() for n, p in v1.named_parameters() if ".grn." in n)
     again = E.main(argv)  # every stage reused
     assert again["arms"] == result["arms"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The evidence study (tools/experiment_evidence.py) and its report (tools/experiment_report.py)
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import tools.experiment_evidence as V  # noqa: E402
+import tools.experiment_report as R  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def t_cdf(q: float, df: int, steps: int = 20000) -> float:
+    """Student's t CDF at q > 0 by Simpson's rule on the density."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    f = [c * (1 + (q * i / steps) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1)]
+    return 0.5 + q / steps / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+
+def test_hard_coded_t_quantiles():
+    for df in range(1, 21):
+        assert t_cdf(R.T_95[df], df) == pytest.approx(0.95, abs=2e-6), df
+        assert t_cdf(R.T_975[df], df) == pytest.approx(0.975, abs=2e-6), df
+
+
+def test_nested_gain_and_intervals():
+    scratch = {0: 70.0, 1: 72.0}
+    # gains: p0 (+4, +6) -> 5; p1 (+2, +2) -> 2; p2 (+5, +3) -> 4
+    runs = {(0, 0): 74.0, (0, 1): 78.0, (1, 0): 72.0, (1, 1): 74.0, (2, 0): 75.0, (2, 1): 75.0}
+    g = R.nested_gain(runs, scratch)
+    assert g["per_pretrain_seed"] == {0: 5.0, 1: 2.0, 2: 4.0} and g["finetune_seeds"] == [0, 1]
+    o = g["over_pretraining"]
+    sd = math.sqrt(((5 - 11 / 3) ** 2 + (2 - 11 / 3) ** 2 + (4 - 11 / 3) ** 2) / 2)
+    assert o["mean"] == pytest.approx(11 / 3) and o["sd"] == pytest.approx(sd)
+    assert o["lower95"] == pytest.approx(11 / 3 - 2.919986 * sd / math.sqrt(3))
+    assert o["ci95"][1] == pytest.approx(11 / 3 + 4.302653 * sd / math.sqrt(3))
+    # over label subsets: the mean over pretraining seeds per fine-tuning seed: (4+2+5)/3, (6+2+3)/3
+    assert g["over_labels"]["values"] == pytest.approx([11 / 3, 11 / 3]) and g["over_labels"]["sd"] == 0
+    # a fine-tuning seed without a scratch run is not paired; one pretraining seed gives no interval
+    one = R.nested_gain({(0, 0): 74.0, (0, 5): 99.0}, scratch)
+    assert one["per_pretrain_seed"] == {0: 4.0} and one["over_pretraining"]["lower95"] is None
+    d = R.two_sample([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+    assert d["diff"] == 1.0 and d["df"] == 4 and d["ci95"][0] == pytest.approx(1 - 2.776445 * math.sqrt(2 / 3))
+
+
+def test_label_subsets_and_split_are_the_fine_tune_clis():
+    """The pixel baselines, the bank and the fine-tune CLI draw from the same split, the same 600 per seed."""
+    from fcmae.data.labelled import build_datasets
+
+    study = V.STUDIES["full"]
+    data = V.Data(study)
+    cli = build_datasets(data_path=None, input_size=(32, 32), in_chans=1, label_fraction=study.finetune_fraction,
+                         val_split=study.val_split, seed=3)
+    assert np.array_equal(data.labels(3), cli.train.indices) and np.array_equal(data.val_idx, cli.val.indices)
+    assert len(data.labels(3)) == 600 and len(data.val_idx) == 6000 and len(data.test_idx) == 10000
+    assert not set(data.bank()) & set(data.val_idx) and len(data.bank()) == 6000
+
+
+def test_pixel_models():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 16, generator=g)
+    y = (x[:, 0] > x[:, 1]).long()
+    assert V.top1(V.logistic_regression(x, y, 1e-4, classes=2)(x), y) > 95
+    assert V.top1(V.pixel_knn(x, y, 1)(x), y) == 100.0  # each point is its own nearest neighbour
+
+
+def test_per_image_distances_match_feature_diversity():
+    from tools.feature_diversity import feature_distances, random_model
+
+    model, images = random_model("convnextv2_atto", 1, seed=1), torch.randn(6, 1, 64, 64)
+    for activation in ("mlp", "block"):
+        per_image = V.per_image_distances(model, images, activation, batch_size=4)
+        assert per_image.shape == (6, 12)
+        expected = [d for stage in feature_distances(model, images, activation) for d in stage]
+        assert per_image.mean(axis=0) == pytest.approx(expected, rel=1e-5)
+    assert V.stage_columns(model) == [[0, 1], [2, 3], [4, 5, 6, 7, 8, 9], [10, 11]]
+    mean, lo, hi = V.bootstrap(np.arange(100.0), 200)
+    assert mean == 49.5 and lo < mean < hi and (mean, lo, hi) == V.bootstrap(np.arange(100.0), 200)
+
+
+def test_finetune_recipe_is_the_ablations_with_a_validation_split(tmp_path):
+    r = V.Runner(str(tmp_path), V.STUDIES["full"], 2)
+    old = E.Stages(str(tmp_path), E.BUDGETS["long"], 2)
+    assert V.finetune_argv(r, 1, "c.pth", 1e-3, 15) == old.finetune_argv(1, "c.pth") + [
+        "--val-split", "6000", "--keep-checkpoints", "1"]
+    scratch = V.finetune_argv(r, 1, None, 4e-3, 30, encoder_grn=False)
+    assert flag(scratch, "--lr") == "0.004" and flag(scratch, "--epochs") == "30" and "--no-encoder-grn" in scratch
+    assert flag(scratch, "--eval-every-epochs") == "30" and "--val-subset" not in scratch
+    # pretraining: the ablation driver's flags (same losses as its runs), the kNN monitor (test images) off
+    g = V.STUDIES["full"].plan[0]
+    stages = E.Stages(str(tmp_path), V.pretrain_budget(r.study, g.epochs), 2)
+    argv = stages.pretrain_argv(E.ARMS[g.arm], 0)
+    assert argv == E.Stages(str(tmp_path), E.BUDGETS["long"], 2).pretrain_argv(E.ARMS["v2-fcmae"], 0)
+    assert flag(argv, "--knn-every-epochs") == "0"
+
+
+def test_full_plan_matches_the_protocol():
+    s = V.STUDIES["full"]
+    assert (s.val_split, s.labelled, s.finetune_seeds, s.scratch_lrs, s.scratch_epochs) == \
+        (6000, 600, (0, 1, 2, 3, 4), (1e-3, 2e-3, 4e-3), (15, 30))
+    assert [(g.arm, g.epochs, g.seeds, g.question) for g in s.plan] == [
+        ("v2-fcmae", 4, (0, 1, 2), "claim"), ("v1-fcmae", 4, (0, 1, 2), "grn"), ("v2-fcmae", 1, (0,), "dose"),
+        ("v2-fcmae", 2, (0,), "dose"), ("naive", 2, (0,), "masking"), ("mask-0.4", 2, (0,), "masking"),
+        ("mask-0.75", 2, (0,), "masking")]
+    assert s.plan[0].finetune_seeds == s.finetune_seeds and s.diversity_images == 1000
+    protocol = open(os.path.join(ROOT, "docs", "experiment", "protocol.md")).read()
+    for fact in ("6000", "1e-3, 2e-3, 4e-3", "15, 30", "one-sided 95% lower bound", "+3"):
+        assert fact in protocol, fact
+
+
+class FakeFinetune:
+    """The fine-tune CLI: training runs write metrics.json and a config.yaml (JSON) holding a made-up val top-1
+    from lr, epochs, seed and init; --eval reads it back (test = val - 1)."""
+    CELLS = {(1e-3, 1): 0.0, (1e-3, 2): 3.0, (2e-3, 1): 1.0, (2e-3, 2): 2.0}
+
+    def __init__(self):
+        self.train_calls, self.eval_calls = [], []
+
+    def __call__(self, argv):
+        if "--eval" in argv:
+            self.eval_calls.append(argv)
+            with open(flag(argv, "-c")) as f:
+                return {"acc1": json.load(f)["acc"] - 1.0, "images": 100}
+        self.train_calls.append(argv)
+        out = flag(argv, "--output-dir")
+        os.makedirs(out, exist_ok=True)
+        acc = 60.0 + int(flag(argv, "--seed")) + (10.0 if "--finetune" in argv else 0.0) + \
+            self.CELLS.get((float(flag(argv, "--lr")), int(flag(argv, "--epochs"))), 0.0)
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            json.dump({"acc": acc}, f)
+        metrics = {"complete": True, "acc1": acc, "best_acc1": acc, "steps": 2}
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+        return metrics
+
+
+TINY = V.Study(size=64, val_split=200, finetune_seeds=(0, 1), scratch_lrs=(1e-3, 2e-3), scratch_epochs=(1, 2),
+               scratch_grid_seeds=(0,), finetune_epochs=1, knn_bank=100, probe_labels=60, probe_epochs=2,
+               probe_lrs=(1e-3, 1e-2), probe_seeds=(0, 1), pixel_weight_decays=(1e-2,), pixel_ks=(1, 5),
+               diversity_images=4, bootstrap=20, batch_size=8, test_images=100, max_pretrain_steps=2,
+               max_finetune_steps=2, plan=(V.Group("v2-fcmae", 2, (0, 1), (0, 1), "claim"),
+                                           V.Group("v1-fcmae", 2, (0,), (0,), "grn")))
+
+
+@pytest.fixture
+def fake_evidence_clis(monkeypatch):
+    import fcmae.pretrain.cli
+    import finetune.cli
+
+    pre, ft = FakeCLIs(), FakeFinetune()
+
+    def pretrain(argv):
+        metrics = pre.pretrain(argv)
+        metrics["mean_last_10"] = 1.0
+        with open(os.path.join(flag(argv, "--output-dir"), "metrics.json"), "w") as f:
+            json.dump(metrics, f)
+
+    monkeypatch.setattr(fcmae.pretrain.cli, "main", pretrain)
+    monkeypatch.setattr(finetune.cli, "run", ft)
+    monkeypatch.setitem(V.STUDIES, "smoke", TINY)
+    return pre, ft
+
+
+def test_evidence_study_protocol_and_caching(tmp_path, fake_evidence_clis):
+    pre, ft = fake_evidence_clis
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["--study", "evidence", "--budget", "smoke", "--work-dir", str(work), "--out", str(out),
+            "--num-workers", "0"]
+    res = E.main(argv)
+    assert res["progress"] == {"done": V.planned_stages(TINY), "total": V.planned_stages(TINY)} and not res["failures"]
+    rows = res["rows"]
+    for r in rows:
+        assert {"arm", "pretrain_epochs", "pretrain_seed", "finetune_seed", "split", "metric", "value"} <= set(r)
+        assert r["split"] in ("train", "val", "test")
+    # every fine-tune trains on the 600 of its seed next to the held-out split: the data's val/ is never read
+    assert all(flag(a, "--val-split") == "200" and flag(a, "--label-fraction") == "0.01" for a in ft.train_calls)
+    # the scratch grid (2 lrs x 2 epochs, seed 0) on val only; the best cell (lr 1e-3, 2 epochs) is chosen
+    grid = R.select(rows, metric="grid_finetune_top1")
+    assert len(grid) == 4 and [(r["lr"], r["finetune_epochs"]) for r in grid if r["selected"]] == [(1e-3, 2)]
+    finals = R.select(rows, arm="scratch", metric="finetune_top1", split="test")
+    assert sorted((r["finetune_seed"], r["lr"], r["finetune_epochs"]) for r in finals) == [(0, 1e-3, 2), (1, 1e-3, 2)]
+    # the test set: one read per final run (2 scratch + 2x2 V2 + 1 V1), never for a grid cell
+    assert len(ft.eval_calls) == 7 and len(ft.train_calls) == 4 + 1 + 4 + 1
+    assert all(flag(a, "--val-subset") == "100" for a in ft.eval_calls)
+    assert len(R.select(rows, metric="finetune_top1", split="test")) == 7
+    assert R.select(rows, arm="scratch", finetune_seed=0, metric="finetune_top1", split="test")[0]["value"] == 62.0
+    # pretraining: the claim group's seeds first, the V1 group after the claim's fine-tunes
+    assert [flag(a, "--seed") for a in pre.pretrain_calls] == ["0", "1", "0"]
+    assert "--no-encoder-grn" in pre.pretrain_calls[2] and all(flag(a, "--knn-every-epochs") == "0"
+                                                                 for a in pre.pretrain_calls)
+    # kNN and probe on val and test per checkpoint (3 + the random init), probe lr chosen on val
+    assert len(R.select(rows, metric="knn_top1", split="test")) == 4
+    assert len(R.select(rows, metric="probe_top1", split="test")) == 4 * 2
+    assert sum(r["selected"] for r in R.select(rows, metric="grid_probe_top1")) == 4
+    # pixel baselines per label subset; feature diversity of V2 (2 seeds), V1 and the random init at both points
+    assert len(R.select(rows, arm="pixels-logreg", metric="top1", split="test")) == 2
+    div = R.select(rows, metric="feature_distance", stage="all")
+    assert len(div) == 2 * 4 and all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in div)
+    assert len(R.select(rows, metric="feature_distance_difference")) == 2 * 5
+    # the claim: V2 (+10 over scratch on every seed) - nested, over the 2 pretraining seeds
+    g = R.nested_gain(R.finetune_runs(rows, "v2-fcmae", 2), R.scratch_runs(rows))
+    assert g["per_pretrain_seed"] == {0: 7.0, 1: 7.0}  # FCMAE 70 + seed (1 epoch, no grid bonus) vs scratch 63 + seed
+    md = (out / "results.md").read_text()
+    assert md == R.render(json.loads((out / "results.json").read_text()))
+    assert "**Claim: the one-sided 95% lower bound" in md and "| V2-FCMAE | 2 | p0 +7.00, p1 +7.00 |" in md
+    timings = R.select(rows, metric="stage_wall_seconds")
+    assert len(timings) == V.planned_stages(TINY) and len({r["stage_name"] for r in timings}) == len(timings)
+    assert {r["threads"] for r in timings} == {torch.get_num_threads()}
+
+    # again: nothing runs, the same rows (wall times included); --report-only likewise
+    evaluations = (work / "evaluations.json").read_text()
+    again = E.main(argv)
+    assert len(ft.train_calls) == 10 and len(ft.eval_calls) == 7 and len(pre.pretrain_calls) == 3
+    assert again["rows"] == rows and (work / "evaluations.json").read_text() == evaluations
+    assert E.main(argv + ["--report-only"])["rows"] == rows
+
+
+def test_evidence_study_goes_on_after_a_failed_group_and_stops_when_asked(tmp_path, fake_evidence_clis, monkeypatch):
+    import fcmae.pretrain.cli
+    from fcmae.runtime.errors import EXIT_NONFINITE, EXIT_STOPPED, RunStopped
+
+    pre, ft = fake_evidence_clis
+    working = fcmae.pretrain.cli.main
+
+    def nan_for_v1(argv):
+        if "--no-encoder-grn" in argv:
+            raise RunStopped("non-finite loss at step 2", EXIT_NONFINITE)
+        return working(argv)
+
+    monkeypatch.setattr(fcmae.pretrain.cli, "main", nan_for_v1)
+    argv = ["--study", "evidence", "--budget", "smoke", "--work-dir", str(tmp_path), "--num-workers", "0"]
+    res = E.main(argv)
+    assert [f["stage"] for f in res["failures"]] == ["v1-fcmae 2 epochs"]
+    assert res["progress"]["done"] < res["progress"]["total"]
+    assert len(R.select(res["rows"], metric="feature_distance", stage="all")) == 2 * 3  # diversity still ran
+    assert "failed stage v1-fcmae 2 epochs: RunStopped: non-finite" in (tmp_path / "results" / "results.md").read_text()
+
+    def stopped(argv):
+        raise RunStopped("received SIGTERM", EXIT_STOPPED)
+
+    monkeypatch.setattr(fcmae.pretrain.cli, "main", stopped)
+    with pytest.raises(RunStopped):  # a stop request ends the study; it does not skip to the next group
+        E.main(argv)
+
+
+def test_evidence_report_check_catches_drift(tmp_path, fake_evidence_clis):
+    argv = ["--study", "evidence", "--budget", "smoke", "--work-dir", str(tmp_path / "w"), "--out",
+            str(tmp_path / "out"), "--num-workers", "0"]
+    E.main(argv)
+    results = str(tmp_path / "out" / "results.json")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{R.BEGIN}\nold\n{R.END}\n\nmore\n")
+    assert R.main([results, "--readme", str(readme), "--check"]) == 1  # the block is stale
+    assert R.main([results, "--readme", str(readme)]) == 0
+    assert R.main([results, "--readme", str(readme), "--check"]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\n" + R.BEGIN) and text.endswith(R.END + "\n\nmore\n") and "**Claim:" in text
+    data = json.loads(open(results).read())
+    r = R.select(data["rows"], arm="scratch", metric="finetune_top1", split="test")[0]
+    r["value"] += 0.5  # a figure changed in the source: both generated files are now stale
+    with open(results, "w") as f:
+        json.dump(data, f)
+    assert R.main([results, "--readme", str(readme), "--check"]) == 1
+
+
+def test_committed_evidence_tables_are_generated_from_their_rows():
+    """docs/experiment/evidence/results.md and the README's evidence block are what results.json gives; the README
+    has an evidence block only when the results it is generated from are committed."""
+    results = os.path.join(ROOT, "docs", "experiment", "evidence", "results.json")
+    readme = os.path.join(ROOT, "README.md")
+    if not os.path.exists(results):
+        assert R.BEGIN not in open(readme).read()
+        return
+    for path, content in R.outputs(results, readme).items():
+        assert open(path).read() == content, f"{path}: run python -m tools.experiment_report {results} --readme"
+
+
+def test_evidence_study_end_to_end_through_the_real_clis(tmp_path, monkeypatch):
+    """The smallest study through the real CLIs: pretraining, a one-cell scratch grid, the fine-tunes on the
+    held-out split, their test reads with --eval, kNN/probe, diversity; then everything reused."""
+    monkeypatch.setitem(V.STUDIES, "smoke", replace_study(
+        TINY, finetune_seeds=(0,), scratch_lrs=(1e-3,), scratch_epochs=(1,), plan=(V.Group("v2-fcmae", 1, (0,), (0,),
+                                                                                           "claim"),)))
+    argv = ["--study", "evidence", "--budget", "smoke", "--work-dir", str(tmp_path), "--num-workers", "0"]
+    res = E.main(argv)
+    assert not res["failures"] and res["progress"]["done"] == res["progress"]["total"] == 1 + 4 + 1 + 1 + 1 + 4
+    rows = res["rows"]
+    test = R.select(rows, metric="finetune_top1", split="test")
+    assert {r["arm"] for r in test} == {"scratch", "v2-fcmae"} and all(r["images"] == 100 for r in test)
+    assert all(0 <= r["value"] <= 100 for r in rows if r["metric"].endswith("top1"))
+    assert R.select(rows, metric="pretrain_loss")[0]["steps"] == 2
+    log_text = (tmp_path / V.finetune_name(V.STUDIES["smoke"], "scratch", 0, 1e-3, 1) / "log.txt").read_text()
+    assert "200 val images held out from the training set" in log_text
+    mtimes = {p: p.stat().st_mtime for p in tmp_path.glob("*/metrics.json")}
+    assert E.main(argv)["rows"] == rows and {p: p.stat().st_mtime for p in tmp_path.glob("*/metrics.json")} == mtimes
+
+
+def replace_study(study, **changes):
+    from dataclasses import replace
+
+    return replace(study, **changes)

@@ -1,6 +1,10 @@
 """The ConvNeXt V2 paper's FCMAE ablations at small scale, with seeds and error bars, on Fashion-MNIST (real images,
 Debian's dataset-fashion-mnist, served with one channel: --in-chans 1), on a 2-core CPU in about two hours.
 
+`--study evidence` runs instead the protocol of docs/experiment/protocol.md (validation split for every choice,
+tuned scratch, 3 pretraining seeds, the test set read once per final configuration): tools/experiment_evidence.py.
+What follows describes the ablation study (`--study ablations`, the default).
+
 Arms (each runnable alone: `python -m tools.experiment_fashion_mnist --arm grn-off`; several or `all`, the
 default, in one command). Every pretrained arm differs from V2-FCMAE in one thing only:
 
@@ -621,10 +625,16 @@ def build_parser():
                    help=f"arms to run: {', '.join(ARMS)} or all (default; aliases "
                         + ", ".join(f"{k}={v}" for k, v in ALIASES.items()) + "); finished arms of earlier "
                         "invocations are reported too")
-    p.add_argument("--budget", choices=list(BUDGETS), default="default",
-                   help="default: about 2 h on a 2-core CPU for all arms; long: the default with 4 pretraining "
-                        "epochs (run it for v2-fcmae and scratch: ~30 min more); full: 5 epochs, 2 pretraining "
-                        "seeds; smoke: seconds, for the tests")
+    p.add_argument("--study", choices=["ablations", "evidence"], default="ablations",
+                   help="ablations: the arms under --budget (below); evidence: the protocol of "
+                        "docs/experiment/protocol.md (tools/experiment_evidence.py; --budget full, the default, or "
+                        "smoke; --arm does not apply)")
+    p.add_argument("--budget", choices=sorted(set(BUDGETS) | {"full", "smoke"}), default=None,
+                   help="ablations: default (the default; about 2 h on a 2-core CPU for all arms); long: the default "
+                        "with 4 pretraining epochs (run it for v2-fcmae and scratch: ~30 min more); full: 5 epochs, 2 "
+                        "pretraining seeds; smoke: seconds, for the tests. evidence: full (the default) or smoke")
+    p.add_argument("--report-only", action="store_true",
+                   help="evidence: run nothing, write the results of what WORK_DIR holds")
     p.add_argument("--work-dir", default="output/experiment_fashion_mnist", help="runs and checkpoints")
     p.add_argument("--out", default=None, help="results (default: WORK_DIR/results)")
     p.add_argument("--num-workers", type=int, default=2)
@@ -636,6 +646,20 @@ def main(argv=None) -> dict:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.study == "evidence":
+        from tools import experiment_evidence
+
+        if args.arm != ["all"]:
+            parser.error("--arm is for --study ablations; the evidence study runs its fixed plan")
+        budget = args.budget or "full"
+        if budget not in experiment_evidence.STUDIES:
+            parser.error(f"--study evidence takes --budget {' or '.join(experiment_evidence.STUDIES)}, not {budget}")
+        setup_logging(None)
+        return experiment_evidence.main(budget, args.work_dir, args.out or os.path.join(args.work_dir, "results"),
+                                        args.num_workers, run=not args.report_only)
+    args.budget = args.budget or "default"
+    if args.budget not in BUDGETS:
+        parser.error(f"--study ablations takes --budget {', '.join(BUDGETS)}, not {args.budget}")
     try:
         selected = resolve_arms(args.arm)
     except ValueError as e:
