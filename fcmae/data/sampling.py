@@ -157,13 +157,15 @@ def make_loader(dataset, sampler: EpochSampler, batch_size: int, num_workers: in
 class EpochLoader:
     """A run's training batches: `dataset` seeded per sample (SeededDataset), its order fixed by (seed, epoch) and
     sharded by rank (EpochSampler), served by one DataLoader whose workers persist (make_loader).
-    `epoch(epoch, start)` iterates the micro-batches of that epoch from sample `start` of this process's share."""
+    `epoch(epoch, start)` iterates the micro-batches of that epoch from sample `start` of this process's share;
+    `collate_fn` as DataLoader's (None: its default)."""
 
     def __init__(self, dataset, *, seed: int, rank: int, world_size: int, batch_size: int, num_workers: int,
-                 pin_memory: bool = False, rngs: Sequence[str] = RNGS):
+                 pin_memory: bool = False, rngs: Sequence[str] = RNGS, collate_fn=None):
         self.dataset = SeededDataset(dataset, seed=seed, rngs=rngs)
         self.sampler = EpochSampler(len(self.dataset), seed=seed, rank=rank, world_size=world_size)
-        self.loader = make_loader(self.dataset, self.sampler, batch_size, num_workers, pin_memory=pin_memory)
+        self.loader = make_loader(self.dataset, self.sampler, batch_size, num_workers, pin_memory=pin_memory,
+                                  collate_fn=collate_fn)
 
     def epoch(self, epoch: int, start: int = 0):
         self.sampler.set_epoch(epoch, start=start)
