@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from fcmae.runtime.signals import ignore_stop_signals
+
 RNGS = ("torch", "random", "numpy")
 MASK64 = (1 << 64) - 1
 
@@ -143,14 +145,15 @@ def make_loader(dataset, sampler: EpochSampler, batch_size: int, num_workers: in
         batches = iter(loader)   # the sampler's iterator is made here, in the main process
 
     A new `iter(loader)` while batches of the previous one are in flight discards those (DataLoader drains them),
-    so breaking out of an epoch early (checkpoint, stop request) and starting again is safe. `pin_memory`: True
+    so breaking out of an epoch early (checkpoint, stop request) and starting again is safe. The workers ignore stop
+    signals (fcmae.runtime.signals.ignore_stop_signals). `pin_memory`: True
     for CUDA training. The dataset must take the sampler's `(epoch, index)` items (SeededDataset)."""
     kwargs = dict(batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                   drop_last=drop_last)
     if collate_fn is not None:
         kwargs["collate_fn"] = collate_fn
     if num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor, worker_init_fn=ignore_stop_signals)
     return DataLoader(dataset, **kwargs)
 
 
