@@ -295,7 +295,7 @@ def measure_memory(names, cfg, device, threads, ctx) -> dict:
 # One configuration
 
 
-def run_config(cfg: dict, names, rounds: int, device, threads, ctx) -> dict:
+def run_config(cfg: dict, names, rounds: int, device, threads, ctx, memory: bool = True) -> dict:
     steps, errors = {}, {}
     for name in names:
         try:
@@ -305,7 +305,7 @@ def run_config(cfg: dict, names, rounds: int, device, threads, ctx) -> dict:
     time_rounds(steps, 1, device, errors)  # warm-up, discarded
     # memory between warm-up and timed rounds: the fork server imports while the candidates are built and warmed
     # up, and is idle (not competing for the cores) during the timed rounds
-    memory = measure_memory([n for n in steps if n not in errors], cfg, device, threads, ctx)
+    memory = measure_memory([n for n in steps if n not in errors], cfg, device, threads, ctx) if memory else {}
     times = time_rounds(steps, rounds, device, errors)
     del steps
     gc.collect()
@@ -423,6 +423,8 @@ def build_parser():
     add(p, "--compile", action="store_true", help="also time the compiled sparse step (sparse+compile)")
     add(p, "--candidates", kind=Str(list(CANDIDATES)), nargs="+", default=None,
         help="time only these (default: all that run here; sparse+compile with --compile)")
+    add(p, "--no-memory", action="store_true",
+        help="skip the peak-memory measurement (it builds every candidate again: a compiled one compiles again)")
     add(p, "--threads", kind=Int(min=1), default=None, help="torch CPU threads (default: torch's default)")
     add(p, "--device", kind=Device(), default="cpu", help="cpu, cuda or cuda:N")
     add(p, "--rounds", kind=Int(min=1), default=None, help="timed rounds after the warm-up (default 8; 2 with --scaling)")
@@ -483,7 +485,7 @@ def run_benchmark(argv=None):
             raise ValueError("--batch-sizes must be >= 1")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    ctx = start_process_context() if device.type == "cpu" else None
+    ctx = start_process_context() if device.type == "cpu" and not args.no_memory else None
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -516,7 +518,7 @@ def run(args, variants, sizes, batches, ratios, rounds, device, ctx):
               "results": results}
     for cfg in configs:
         cfg["in_chans"] = args.in_chans
-        res = run_config(cfg, names, rounds, device, args.threads, ctx)
+        res = run_config(cfg, names, rounds, device, args.threads, ctx, memory=not args.no_memory)
         print_config(res)
         sys.stdout.flush()
         results.append(res)
