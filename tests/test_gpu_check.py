@@ -100,3 +100,11 @@ def test_summary_of_a_check_cut_short(tmp_path):
     text = summary(str(tmp_path))
     assert "Device: not probed" in text and "| tests | 124 (time limit) | 60 | 60 |" in text
     assert "## Input pipeline (cut short)" in text and "| 8 | ours_device | 350.0 | 300.0 | 3.50 | 3.40 |" in text
+
+
+@pytest.mark.parametrize("argv,message", [(["--only", "tests,bogus", "out"], "no step bogus"),
+                                          (["--frob", "out"], "unknown option --frob")])
+def test_bad_options_are_one_line(tmp_path, argv, message):
+    res = subprocess.run(["bash", "tools/gpu_check.sh"] + argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and message in res.stderr
+    assert res.stderr.count("\n") == 1 and not os.path.exists(os.path.join(ROOT, "out"))

@@ -4,6 +4,7 @@
 #
 #   bash tools/gpu_check.sh OUTDIR             # a machine whose python3 (or $PYTHON) has torch with a GPU
 #   bash tools/gpu_check.sh --dry-run OUTDIR   # the same steps on the CPU at toy sizes (CI runs it)
+#   bash tools/gpu_check.sh --only tests,pretrain OUTDIR   # those steps alone (a rerun in what is left of a lease)
 #
 # Installs nothing and calls no package manager: it runs the `python3` on PATH (or $PYTHON) from this checkout with
 # PYTHONPATH set to it; a missing required package or, without --dry-run, no GPU stops it at the first step. To use
@@ -14,9 +15,29 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-DRY=""
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-OUT=${1:?usage: bash tools/gpu_check.sh [--dry-run] OUTDIR}
+USAGE="usage: bash tools/gpu_check.sh [--dry-run] [--only STEP,...] OUTDIR"
+DRY="" ONLY=""
+while [ $# -gt 1 ]; do
+  case $1 in
+    --dry-run) DRY=1; shift ;;
+    --only) ONLY=$2; shift 2 ;;
+    *) echo "error: unknown option $1; $USAGE" >&2; exit 2 ;;
+  esac
+done
+OUT=${1:?$USAGE}
+
+# Seconds per step, most valuable first. A step is stopped at its limit (then SIGKILL 5 s later): 435 s of limits
+# plus 7 x 5 s of grace and a few seconds of records fit the 8 minutes (480 s).
+LIMITS=(probe:30 tests:60 steps:80 compiled:100 jpegs:25 loader:60 pretrain:80)
+limit() { local kv; for kv in "${LIMITS[@]}"; do [ "${kv%%:*}" = "$1" ] && echo "${kv#*:}"; done; }
+for name in ${ONLY//,/ }; do
+  [ -n "$(limit "$name")" ] || { echo "error: --only $ONLY: no step $name (steps: ${LIMITS[*]%%:*})" >&2; exit 2; }
+done
+wanted() {  # the probe always runs; the test images when the loader or pretraining step is wanted
+  [ -z "$ONLY" ] || [ "$1" = probe ] || [[ ",$ONLY," == *",$1,"* ]] \
+    || { [ "$1" = jpegs ] && { wanted loader || wanted pretrain; }; }
+}
+
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 PY=${PYTHON:-python3}
 command -v "$PY" > /dev/null || { echo "error: no $PY on PATH (set PYTHON=/path/to/python)" >&2; exit 2; }
@@ -24,13 +45,10 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 LOG="$OUT/gpu_check.log"
-: > "$LOG"
-rm -f "$OUT/status.json" "$OUT/steps.json" "$OUT/compiled.json" "$OUT/loader.json" "$OUT/pretrain.json"
-
-# Seconds per step, most valuable first. A step is stopped at its limit (then SIGKILL 5 s later): 435 s of limits
-# plus 7 x 5 s of grace and a few seconds of records fit the 8 minutes (480 s).
-LIMITS=(probe:30 tests:60 steps:80 compiled:100 jpegs:25 loader:60 pretrain:80)
-limit() { local kv; for kv in "${LIMITS[@]}"; do [ "${kv%%:*}" = "$1" ] && echo "${kv#*:}"; done; }
+if [ -z "$ONLY" ]; then  # a fresh check; with --only the other steps' results stay
+  : > "$LOG"
+  rm -f "$OUT/status.json" "$OUT/steps.json" "$OUT/compiled.json" "$OUT/loader.json" "$OUT/pretrain.json"
+fi
 echo "[gpu_check] budget (s): ${LIMITS[*]} = $(( $(printf '%s\n' "${LIMITS[@]}" | cut -d: -f2 | paste -sd+) )) \
 + 5 s grace per step; $PY; output in $OUT" | tee -a "$LOG"
 FAILED=0
@@ -38,6 +56,7 @@ FAILED=0
 step() {  # name command...: run under its limit, output to the console and the log, then record it
   local name=$1 lim t0=$SECONDS rc extra=()
   shift
+  wanted "$name" || return 0
   lim=$(limit "$name")
   echo "[gpu_check] $name (limit ${lim} s): $*" | tee -a "$LOG"
   timeout --kill-after=5 "$lim" "$@" 2>&1 | tee -a "$LOG"
