@@ -255,3 +255,23 @@ def test_refused_where_it_cannot_apply(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_shards_go_to_the_device_as_the_folder_does(tmp_path):
+    """The same files in tar shards (TarShards.read_bytes): the same samples, JPEG bytes, boxes and flips."""
+    from fcmae.data.shards import open_dataset
+    from fcmae.tools.make_shards import make_shards
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for k in range(5):
+        save_jpeg(folder / f"{k}.jpg", photo(60 + 40 * k, 90, k))
+    Image.fromarray(photo(64, 64)).save(folder / "5.png")
+    make_shards(str(folder), str(tmp_path / "shards"), shard_size=30_000, progress=lambda line: None)
+    views = [SeededDataset(DeviceJpegs(open_dataset(str(path), transform=pretrain_transform((64, 64)),
+                                                    input_size=(64, 64))), seed=1, rngs=("torch",))
+             for path in (folder, tmp_path / "shards")]
+    for i in range(6):
+        a, b = (view[(2, i)][0] for view in views)
+        assert type(a) is type(b) and (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), i
+    assert sum(isinstance(views[1][i][0], EncodedJpeg) for i in range(6)) == 5
