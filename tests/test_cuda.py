@@ -151,6 +151,8 @@ def test_augment_on_device_decodes_like_the_cpu(gpu, tmp_path, record_property):
     per_image = diff.mean((1, 2, 3))
     record_property("mean_abs_diff_device_vs_cpu_decoder", f"{diff.mean().item():.3f}")
     record_property("worst_image_mean_abs_diff", f"{per_image.max().item():.3f}")
+    record_property("device_batches_decoded_one_by_one", augment.batches_one_by_one)
+    record_property("device_files_decoded_on_the_host", augment.on_host)
     assert files.bad_indices() == []
     assert per_image.max() < 4, per_image  # a wrong box, flip or orientation would differ by tens of grey levels
     fallback = [k for k, s in enumerate(samples) if not isinstance(s, EncodedJpeg)]

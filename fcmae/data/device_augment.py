@@ -254,6 +254,8 @@ class DeviceAugment:
 
         self.size, self.in_chans, self.files = tuple(input_size), in_chans, files
         self.mode = ImageReadMode.GRAY if in_chans == 1 else ImageReadMode.RGB
+        # batches the decoder rejected as a whole (then decoded one by one), files decoded on the host instead
+        self.batches_one_by_one, self.on_host = 0, 0
 
     def __call__(self, batch: JpegBatch) -> torch.Tensor:
         device = batch.device
@@ -283,8 +285,12 @@ class DeviceAugment:
             warnings.simplefilter("ignore", DeprecationWarning)  # torchvision >= 0.29 points to TorchCodec
             try:
                 return decode_jpeg(encoded, mode=self.mode, device=device)
-            except RuntimeError:  # one file the decoder rejects fails the whole call: decode one by one
-                return [self._decode_one(e, device, i) for e, i in zip(encoded, indices)]
+            except RuntimeError as e:  # one file the decoder rejects fails the whole call: decode one by one
+                if not self.batches_one_by_one:
+                    log.warning("decode_jpeg on %s rejected a batch (%s): its files are decoded one by one", device,
+                                str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                self.batches_one_by_one += 1
+                return [self._decode_one(data, device, i) for data, i in zip(encoded, indices)]
 
     def _decode_one(self, encoded: torch.Tensor, device: torch.device, index: int) -> Optional[torch.Tensor]:
         from torchvision.io import decode_jpeg
@@ -295,7 +301,9 @@ class DeviceAugment:
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if device.type != "cpu":
             try:  # e.g. a JPEG variant nvJPEG does not take
-                return decode_jpeg(encoded, mode=self.mode).to(device)
+                img = decode_jpeg(encoded, mode=self.mode).to(device)
+                self.on_host += 1
+                return img
             except RuntimeError:
                 pass
         self.files.bad[index] = 1  # counted against --max-bad-fraction by the monitor's next poll
