@@ -5,7 +5,7 @@
     python -m tools.benchmark --variants atto tiny --input-sizes 128 192x256 --batch-sizes 8 --json out.json
     python -m tools.benchmark --amp none bf16    # every candidate in float32 and under bf16 autocast
     python -m tools.benchmark --compile          # adds the compiled sparse step (sparse+compile)
-    python -m tools.benchmark --candidates sparse sparse+compile   # only these
+    python -m tools.benchmark --candidates sparse sparse+compile --no-memory   # only these, no memory figures
     python -m tools.benchmark --data FOLDER_OR_SHARDS   # the input pipeline instead (tools/bench_loader.py)
 
 Candidates, each one full optimiser step on a fixed synthetic batch (same seed, same images and masks):
