@@ -14,6 +14,7 @@ from fcmae.runtime.distributed import all_reduce_mean, device_for
 from fcmae.runtime.errors import CheckpointError, UsageError
 from fcmae.runtime.logs import setup_logging
 from fcmae.runtime.run_start import find_start
+from fcmae.runtime.signals import ignore_stop_signals
 from fcmae.runtime.step import autocast
 from fcmae.runtime.weights import read_timm_weights
 from models.convert import in_chans_of
@@ -54,7 +55,8 @@ def val_loader(dataset, batch_size: int, num_workers: int, dist_info) -> DataLoa
     # every process a disjoint shard, no padding: the summed counts are exact
     shard = list(range(dist_info.rank, len(dataset), dist_info.world_size))
     return DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=num_workers,
-                      generator=torch.Generator())  # its own generator: evaluating leaves the training RNG alone
+                      generator=torch.Generator(),  # its own generator: evaluating leaves the training RNG alone
+                      worker_init_fn=ignore_stop_signals)
 
 
 def evaluate_checkpoint(args, dist_info, datasets) -> dict:

@@ -1,5 +1,5 @@
-"""tools/bench_loader.py on a few generated JPEGs: both pipelines run and are compared, the per-stage profile runs,
-and bad invocations are one line with exit code 2."""
+"""tools/bench_loader.py on a few generated JPEGs: the pipelines (ours, ours with --augment-on-device, the reference
+recipe) run and are compared, the per-stage profile runs, and bad invocations are one line with exit code 2."""
 import json
 
 from fcmae.runtime.cli import run_cli
@@ -11,11 +11,11 @@ def test_make_jpegs_benchmark_and_profile(tmp_path, capsys):
     assert len(paths) == 12 and all(p.endswith(".jpg") for p in paths)
     out = tmp_path / "bench.json"
     result = run(["--data", str(tmp_path / "jpegs"), "--workers", "0", "1", "--batch-size", "4", "--input-size", "64",
-                  "--rounds", "2", "--device", "cpu", "--json", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+                  "--rounds", "2", "--device", "cpu", "--augment-on-device", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result)) and result["complete"]
     for r in result["runs"]:
-        assert len(r["ours"]["rounds"]) == len(r["baseline"]["rounds"]) == 2
-        assert r["ours"]["ratio"] > 0 and r["ours_loader"]["paired_ratio"] > 0
+        assert len(r["ours"]["rounds"]) == len(r["baseline"]["rounds"]) == len(r["ours_device"]["rounds"]) == 2
+        assert r["ours"]["ratio"] > 0 and r["ours_loader"]["paired_ratio"] > 0 and r["ours_device"]["ratio"] > 0
     assert "workers 1: ours " in capsys.readouterr().out
     profile = run(["--data", str(tmp_path / "jpegs"), "--profile", "6", "--input-size", "64", "--batch-size", "4"])
     assert profile["profile"]["files"] == 6 and profile["profile"]["ours: mask"] > 0

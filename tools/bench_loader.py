@@ -1,7 +1,8 @@
 """Input-pipeline benchmark: images/s of the pretraining loader against the reference recipe's, side by side.
 
     python -m tools.bench_loader --data FOLDER_OR_SHARDS [--baseline-data FOLDER] [--workers 0 1 2]
-        [--batch-size 64] [--input-size 224] [--rounds 3] [--batches N] [--threads 1] [--json PATH] [--profile N]
+        [--batch-size 64] [--input-size 224] [--rounds 3] [--batches N] [--threads 1] [--augment-on-device]
+        [--json PATH] [--profile N]
     python -m tools.bench_loader --make-jpegs DIR --count N --size WxH [--classes 10] [--seed 0]
 
 "ours": the loader the pretraining loop uses: the dataset of --data (image folder or tar shards, fcmae.shards.
@@ -14,7 +15,11 @@ RandomResizedCrop(scale 0.2-1, bicubic) + flip + ToTensor + Normalize, a shuffli
 and batch, built once (its workers restart each epoch, as in the reference). Each round is one epoch of each (or
 --batches batches), the order alternating (ABC, CBA, ...), after one warm-up epoch of each; per-round rates, median
 and min, and the ratio to the baseline (of the medians, and the median of the per-round ratios) are printed per
-worker count. This process runs torch with --threads threads (default 1).
+worker count. With --augment-on-device also "ours_device": the pretraining loader with --augment-on-device (the
+workers read JPEG bytes and draw boxes, flips and masks; decoding, crop, resize, flip and normalisation run on
+--device, in this process: fcmae.data.device_augment). This process runs torch with --threads threads (default
+1). --json is rewritten after each worker count ("complete": false until the last), so a run cut short keeps
+what it measured.
 
 --profile N: milliseconds per sample of each stage, in this process, over N files of --baseline-data (or
 --data): reading, decoding (ours: reduced-scale JPEG decoding), each transform step, mask, seeding, and the
@@ -37,6 +42,7 @@ from PIL import Image, ImageOps
 
 from fcmae.runtime.cli import check_writable_dir, run_cli
 from fcmae.runtime.errors import UsageError
+from fcmae.runtime.files import write_text
 from fcmae.runtime.options import ArgParser, Device, Int, Str, add, parse_with_config
 from fcmae.runtime.options import input_size as parse_input_size
 
@@ -103,8 +109,11 @@ def parse_wxh(text: str):
 # ---------------------------------------------------------------- loaders
 
 
-def ours(data: str, input_size, batch_size: int, workers: int, device, normalized: bool = True):
-    """(loader, prepare, set_epoch) of the pretraining path."""
+def ours(data: str, input_size, batch_size: int, workers: int, device, normalized: bool = True,
+         on_device: bool = False):
+    """(loader, prepare, set_epoch) of the pretraining path; `on_device`: with --augment-on-device (JPEGs decoded,
+    cropped, resized and flipped on `device` in `prepare`)."""
+    from fcmae.data.device_augment import DeviceAugment, DeviceJpegs, collate_pairs
     from fcmae.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize
     from fcmae.data.sampling import EpochSampler, SeededDataset, make_loader
     from fcmae.data.shards import open_dataset
@@ -113,15 +122,22 @@ def ours(data: str, input_size, batch_size: int, workers: int, device, normalize
     from models.masking import mask_grid
 
     dataset = open_dataset(data, transform=pretrain_transform(input_size), input_size=input_size)
+    augment = None
+    if on_device:
+        dataset = DeviceJpegs(dataset)
+        augment = DeviceAugment(input_size, 3, dataset.dataset)
     grid = mask_grid(*input_size)
     dataset = SeededDataset(MaskedImages(dataset, grid[0] * grid[1], 0.6), seed=0, rngs=("torch",))
     sampler = EpochSampler(len(dataset), seed=0)
-    loader = make_loader(dataset, sampler, batch_size, workers, pin_memory=device.type == "cuda")
+    loader = make_loader(dataset, sampler, batch_size, workers, pin_memory=device.type == "cuda",
+                         collate_fn=collate_pairs if on_device else None)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def prepare(batch):
         imgs, masks = batch
         imgs, masks = imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        if augment is not None:
+            imgs = augment(imgs)
         if imgs.dtype == torch.uint8 and normalized:
             imgs = normalize(imgs, mean, std)
         return imgs
@@ -166,13 +182,17 @@ def one_epoch(loader, prepare, set_epoch, epoch: int, max_batches=None) -> float
     return n / (time.perf_counter() - t0)
 
 
-def compare(data, baseline_data, workers: int, batch_size: int, input_size, rounds: int, max_batches, device):
-    """Rates per round of "ours", "baseline" and, with --device cpu, "ours_loader" (ours without the normalisation,
-    which a GPU run does on the GPU: what the loader alone delivers)."""
+def compare(data, baseline_data, workers: int, batch_size: int, input_size, rounds: int, max_batches, device,
+            on_device: bool = False):
+    """Rates per round of "ours", "baseline", with --device cpu "ours_loader" (ours without the normalisation,
+    which a GPU run does on the GPU: what the loader alone delivers) and with --augment-on-device "ours_device"
+    (JPEGs decoded and augmented on --device, normalised there)."""
     runs = {"ours": ours(data, input_size, batch_size, workers, device),
             "baseline": baseline(baseline_data, input_size, batch_size, workers, device)}
     if device.type == "cpu":
         runs["ours_loader"] = ours(data, input_size, batch_size, workers, device, normalized=False)
+    if on_device:
+        runs["ours_device"] = ours(data, input_size, batch_size, workers, device, on_device=True)
     rates = {name: [] for name in runs}
     for name, run in runs.items():  # warm-up: worker start, page cache, lazy imports
         one_epoch(*run, epoch=0, max_batches=max_batches)
@@ -192,7 +212,7 @@ def compare(data, baseline_data, workers: int, batch_size: int, input_size, roun
 
 def line(r) -> str:
     parts = []
-    for name in ("ours", "ours_loader", "baseline"):
+    for name in ("ours", "ours_loader", "ours_device", "baseline"):
         if name in r:
             x = r[name]
             rounds = " ".join(f"{v:.1f}" for v in x["rounds"])
@@ -303,6 +323,9 @@ def build_parser() -> ArgParser:
     add(p, "--rounds", kind=Int(min=1), default=3)
     add(p, "--batches", kind=Int(min=1), default=None, help="batches per round (default: one epoch)")
     add(p, "--device", kind=Device(), default="cuda" if torch.cuda.is_available() else "cpu")
+    add(p, "--augment-on-device", action="store_true",
+        help="also time the pretraining loader with --augment-on-device (\"ours_device\": JPEGs decoded and "
+             "augmented on --device)")
     add(p, "--threads", kind=Int(min=1), default=1, help="torch threads of this process (default 1: on a small CPU, "
                                                   "several threads per batch op contend with the workers)")
     add(p, "--profile", kind=Int(min=1), default=None, metavar="N", help="per-stage ms per sample over N files instead")
@@ -344,30 +367,39 @@ def run(argv=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        result = measure(args, baseline_data, device)
+        return measure(args, baseline_data, device)
     finally:
         torch.set_num_threads(threads)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+
+
+def save(result: dict, path):
+    if path:
+        write_text(path, json.dumps(result, indent=1))
 
 
 def measure(args, baseline_data: str, device) -> dict:
+    """The profile, or the comparison per worker count; the --json file is rewritten after each worker count
+    (a run cut short keeps what it measured; "complete" says whether it ran to the end)."""
     if args.profile:
         result = {"profile": profile(baseline_data, args.input_size, args.profile, args.batch_size)}
         for stage, ms in result["profile"].items():
             print(f"{stage:70s} {ms:8.3f}" if stage != "files" else f"{ms} files, ms per sample:")
-    else:
-        result = {"data": args.data, "baseline_data": baseline_data, "batch_size": args.batch_size,
-                  "input_size": list(args.input_size), "device": str(device), "cpus": os.cpu_count(), "runs": []}
-        print(f"images/s, batch {args.batch_size}, {'x'.join(map(str, args.input_size))}, {args.rounds} rounds "
-              f"(ours = pretraining loader, baseline = reference recipe)", flush=True)
-        for w in args.workers:
-            r = compare(args.data, baseline_data, w, args.batch_size, args.input_size, args.rounds, args.batches,
-                        device)
-            result["runs"].append(r)
-            print(line(r), flush=True)
+        save(result, args.json)
+        return result
+    result = {"data": args.data, "baseline_data": baseline_data, "batch_size": args.batch_size,
+              "input_size": list(args.input_size), "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "cpus": os.cpu_count(), "complete": False, "runs": []}
+    print(f"images/s, batch {args.batch_size}, {'x'.join(map(str, args.input_size))}, {args.rounds} rounds "
+          f"(ours = pretraining loader, baseline = reference recipe)", flush=True)
+    for w in args.workers:
+        r = compare(args.data, baseline_data, w, args.batch_size, args.input_size, args.rounds, args.batches,
+                    device, args.augment_on_device)
+        result["runs"].append(r)
+        print(line(r), flush=True)
+        save(result, args.json)
+    result["complete"] = True
+    save(result, args.json)
     return result
 
 

@@ -5,6 +5,7 @@
     python -m tools.benchmark --variants atto tiny --input-sizes 128 192x256 --batch-sizes 8 --json out.json
     python -m tools.benchmark --amp none bf16    # every candidate in float32 and under bf16 autocast
     python -m tools.benchmark --compile          # adds the compiled sparse step (sparse+compile)
+    python -m tools.benchmark --candidates sparse sparse+compile --no-memory   # only these, no memory figures
     python -m tools.benchmark --data FOLDER_OR_SHARDS   # the input pipeline instead (tools/bench_loader.py)
 
 Candidates, each one full optimiser step on a fixed synthetic batch (same seed, same images and masks):
@@ -294,7 +295,7 @@ def measure_memory(names, cfg, device, threads, ctx) -> dict:
 # One configuration
 
 
-def run_config(cfg: dict, names, rounds: int, device, threads, ctx) -> dict:
+def run_config(cfg: dict, names, rounds: int, device, threads, ctx, memory: bool = True) -> dict:
     steps, errors = {}, {}
     for name in names:
         try:
@@ -304,7 +305,7 @@ def run_config(cfg: dict, names, rounds: int, device, threads, ctx) -> dict:
     time_rounds(steps, 1, device, errors)  # warm-up, discarded
     # memory between warm-up and timed rounds: the fork server imports while the candidates are built and warmed
     # up, and is idle (not competing for the cores) during the timed rounds
-    memory = measure_memory([n for n in steps if n not in errors], cfg, device, threads, ctx)
+    memory = measure_memory([n for n in steps if n not in errors], cfg, device, threads, ctx) if memory else {}
     times = time_rounds(steps, rounds, device, errors)
     del steps
     gc.collect()
@@ -420,10 +421,16 @@ def build_parser():
     add(p, "--amp", kind=Str(["none", "bf16", "fp16"]), nargs="+", default=["none"],
         help="precisions to run every candidate in (fp16 only on CUDA), e.g. --amp none bf16")
     add(p, "--compile", action="store_true", help="also time the compiled sparse step (sparse+compile)")
+    add(p, "--candidates", kind=Str(list(CANDIDATES)), nargs="+", default=None,
+        help="time only these (default: all that run here; sparse+compile with --compile)")
+    add(p, "--no-memory", action="store_true",
+        help="skip the peak-memory measurement (it builds every candidate again: a compiled one compiles again)")
     add(p, "--threads", kind=Int(min=1), default=None, help="torch CPU threads (default: torch's default)")
     add(p, "--device", kind=Device(), default="cpu", help="cpu, cuda or cuda:N")
     add(p, "--rounds", kind=Int(min=1), default=None, help="timed rounds after the warm-up (default 8; 2 with --scaling)")
-    add(p, "--json", kind=Str(), metavar="PATH", default=None, help="write every figure and ratio to PATH")
+    add(p, "--json", kind=Str(), metavar="PATH", default=None,
+        help="write every figure and ratio to PATH (rewritten after each configuration: a run cut short keeps what "
+             "it measured, \"complete\": false)")
     add(p, "--scaling", action="store_true",
         help="sparse vs dense step time and memory vs variant (atto/tiny/base), input (128/224/384) and "
              "mask ratio (0.4/0.6/0.75), one axis at a time; prints a markdown table")
@@ -478,7 +485,7 @@ def run_benchmark(argv=None):
             raise ValueError("--batch-sizes must be >= 1")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    ctx = start_process_context() if device.type == "cpu" else None
+    ctx = start_process_context() if device.type == "cpu" and not args.no_memory else None
     threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -495,30 +502,41 @@ def run(args, variants, sizes, batches, ratios, rounds, device, ctx):
         base = ["sparse", "dense"]
         configs = [c for b in batches for c in scaling_configs(variants, sizes, ratios, b)]
     else:
-        base = [n for n in CANDIDATES if (n != "minkowski" or minkowski_available())
-                and (n != "sparse+compile" or args.compile)]
+        if args.candidates:
+            base = [n for n in CANDIDATES if n in args.candidates]
+        else:
+            base = [n for n in CANDIDATES if (n != "minkowski" or minkowski_available())
+                    and (n != "sparse+compile" or args.compile)]
         configs = [{"variant": v, "input_size": s, "batch_size": b, "mask_ratio": r}
                    for v in variants for s in sizes for b in batches for r in ratios]
     # the MinkowskiEngine encoder runs in float32 whatever the autocast: only its float32 step is timed
     names = [f"{n}/{amp}" for amp in args.amp for n in base if amp == "none" or n != "minkowski"]
     results = []
+    report = {"torch": torch.__version__, "timm": timm.__version__, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "amp": list(args.amp), "candidates": names, "complete": False,
+              "results": results}
     for cfg in configs:
         cfg["in_chans"] = args.in_chans
-        res = run_config(cfg, names, rounds, device, args.threads, ctx)
+        res = run_config(cfg, names, rounds, device, args.threads, ctx, memory=not args.no_memory)
         print_config(res)
         sys.stdout.flush()
         results.append(res)
-    report = {"torch": torch.__version__, "timm": timm.__version__, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "amp": list(args.amp), "candidates": names, "results": results}
+        save(report, args.json)
+    report["complete"] = True
     if args.scaling:
         report["scaling_table"] = scaling_table(results)
         print("\n" + report["scaling_table"])
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    save(report, args.json)
     return report
+
+
+def save(report: dict, path):
+    if path:
+        from fcmae.runtime.files import write_text
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_text(path, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -149,6 +149,11 @@ class ImageFiles(SkippingDataset):
     def target(self, i: int) -> int:
         return self.samples[i][1]
 
+    def read_bytes(self, i: int) -> bytes:
+        """File i's bytes, undecoded (--augment-on-device decodes JPEGs on the training device)."""
+        with open(self.samples[i][0], "rb") as f:
+            return f.read()
+
     def load(self, i: int) -> Decoded:
         """File i decoded (no transform); raises when it cannot be read."""
         return load(self.samples[i][0], self.in_chans, self.draft_side)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from fcmae.runtime.signals import ignore_stop_signals
+
 RNGS = ("torch", "random", "numpy")
 MASK64 = (1 << 64) - 1
 
@@ -143,27 +145,30 @@ def make_loader(dataset, sampler: EpochSampler, batch_size: int, num_workers: in
         batches = iter(loader)   # the sampler's iterator is made here, in the main process
 
     A new `iter(loader)` while batches of the previous one are in flight discards those (DataLoader drains them),
-    so breaking out of an epoch early (checkpoint, stop request) and starting again is safe. `pin_memory`: True
+    so breaking out of an epoch early (checkpoint, stop request) and starting again is safe. The workers ignore stop
+    signals (fcmae.runtime.signals.ignore_stop_signals). `pin_memory`: True
     for CUDA training. The dataset must take the sampler's `(epoch, index)` items (SeededDataset)."""
     kwargs = dict(batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                   drop_last=drop_last)
     if collate_fn is not None:
         kwargs["collate_fn"] = collate_fn
     if num_workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor)
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor, worker_init_fn=ignore_stop_signals)
     return DataLoader(dataset, **kwargs)
 
 
 class EpochLoader:
     """A run's training batches: `dataset` seeded per sample (SeededDataset), its order fixed by (seed, epoch) and
     sharded by rank (EpochSampler), served by one DataLoader whose workers persist (make_loader).
-    `epoch(epoch, start)` iterates the micro-batches of that epoch from sample `start` of this process's share."""
+    `epoch(epoch, start)` iterates the micro-batches of that epoch from sample `start` of this process's share;
+    `collate_fn` as DataLoader's (None: its default)."""
 
     def __init__(self, dataset, *, seed: int, rank: int, world_size: int, batch_size: int, num_workers: int,
-                 pin_memory: bool = False, rngs: Sequence[str] = RNGS):
+                 pin_memory: bool = False, rngs: Sequence[str] = RNGS, collate_fn=None):
         self.dataset = SeededDataset(dataset, seed=seed, rngs=rngs)
         self.sampler = EpochSampler(len(self.dataset), seed=seed, rank=rank, world_size=world_size)
-        self.loader = make_loader(self.dataset, self.sampler, batch_size, num_workers, pin_memory=pin_memory)
+        self.loader = make_loader(self.dataset, self.sampler, batch_size, num_workers, pin_memory=pin_memory,
+                                  collate_fn=collate_fn)
 
     def epoch(self, epoch: int, start: int = 0):
         self.sampler.set_epoch(epoch, start=start)

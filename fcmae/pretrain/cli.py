@@ -76,13 +76,15 @@ def train(args, dist_info, *, data: PretrainData, knn_sets: KnnSets, steps_per_e
     grid = mask_grid(*args.input_size)
     loader = EpochLoader(MaskedImages(data.dataset, grid[0] * grid[1], args.mask_ratio), seed=args.seed,
                          rank=dist_info.rank, world_size=dist_info.world_size, batch_size=args.batch_size,
-                         num_workers=args.num_workers, pin_memory=device.type == "cuda", rngs=("torch",))
+                         num_workers=args.num_workers, pin_memory=device.type == "cuda", rngs=("torch",),
+                         collate_fn=data.collate)
     knn = None
     if knn_sets is not None:
         knn = KnnMonitor(knn_sets.bank, knn_sets.queries, knn_sets.num_classes, args.knn_every_epochs, k=args.knn_k,
                          num_workers=min(args.num_workers, 2))
     description = (f"pretraining {args.model} ({args.backend} backend, grn {args.grn_stats}) on {len(data.dataset)} "
-                   f"images of {args.in_chans} channels at {'x'.join(map(str, args.input_size))}, mask "
+                   f"images of {args.in_chans} channels at {'x'.join(map(str, args.input_size))}"
+                   f"{' (JPEGs decoded and augmented on the device)' if args.augment_on_device else ''}, mask "
                    f"{args.mask_ratio:.2f}, {steps_per_epoch} steps/epoch")
     stage = PretrainStage(model=model, net=net, data=data, dataset=loader.dataset, vis_every_epochs=args.vis_every_epochs,
                           knn=knn, show_channels=args.show_channels, description=description)

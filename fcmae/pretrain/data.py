@@ -2,11 +2,12 @@
 the reference augmentation and a fresh random mask, normalised on the device; and the labelled sets of the kNN
 monitor."""
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from fcmae.data.device_augment import DeviceAugment, DeviceJpegs, JpegBatch, collate_pairs
 from fcmae.data.fashion_mnist import FashionMNIST
 from fcmae.data.labelled import build_datasets
 from fcmae.data.normalization import normalize, resolve_mean_std
@@ -31,13 +32,27 @@ class MaskedImages(Dataset):
 @dataclass(frozen=True)
 class PretrainData:
     """The unlabelled training images and how a batch is prepared on the device: normalised there (the loader
-    moves uint8 or native-unit float32 tensors) and optionally made channels-last."""
+    moves uint8 or native-unit float32 tensors) and optionally made channels-last. With --augment-on-device
+    (`on_device`) the loader's batches are JpegBatches (`collate`, `stack`), decoded and augmented on the device
+    before the normalisation (fcmae.data.device_augment)."""
     dataset: Dataset
     mean: Sequence[float]
     std: Sequence[float]
     channels_last: bool
+    on_device: Optional[DeviceAugment] = None
+
+    @property
+    def collate(self):
+        """The loader's collate_fn for (image, mask) samples (None: DataLoader's default)."""
+        return collate_pairs if self.on_device is not None else None
+
+    def stack(self, images: list):
+        """A batch of the dataset's images, as the loader would make it."""
+        return JpegBatch.of(images) if self.on_device is not None else torch.stack(images)
 
     def prepare(self, imgs, target):
+        if self.on_device is not None:
+            imgs = self.on_device(imgs)
         imgs = normalize(imgs, self.mean, self.std)
         if self.channels_last:
             imgs = imgs.contiguous(memory_format=torch.channels_last)
@@ -55,7 +70,11 @@ def pretrain_data(args) -> PretrainData:
     else:
         dataset, kind = FashionMNIST("train", transform=transform, in_chans=args.in_chans), None
     mean, std = resolve_mean_std(args.in_chans, args.mean, args.std, kind=kind)
-    return PretrainData(dataset, mean, std, args.channels_last)
+    on_device = None
+    if args.augment_on_device:  # the options were checked (fcmae.data.device_augment.check_options)
+        dataset = DeviceJpegs(dataset)
+        on_device = DeviceAugment(args.input_size, args.in_chans, dataset.dataset)
+    return PretrainData(dataset, mean, std, args.channels_last, on_device)
 
 
 @dataclass(frozen=True)

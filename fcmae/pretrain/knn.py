@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from fcmae.runtime.signals import ignore_stop_signals
+
 
 def knn_scores(bank_feats: torch.Tensor, bank_labels: torch.Tensor, query_feats: torch.Tensor, num_classes: int,
                k: int = 20, temperature: float = 0.07, chunk: int = 256) -> torch.Tensor:
@@ -86,7 +88,7 @@ def extract(features: Callable, dataset, device, batch_size: int = 256, num_work
     rank, world = _rank_world()
     shard = list(range(rank, len(dataset), world))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=shard, num_workers=num_workers,
-                        generator=torch.Generator())
+                        generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
     feats, labels = [], []
     for images, targets in loader:
         feats.append(features(images.to(device, non_blocking=True)))

@@ -2,6 +2,7 @@
 the checks that need no data. Defaults: the reference recipe (configs/pretrain/<model>.yaml per variant)."""
 import os
 
+from fcmae.data.device_augment import check_options as check_device_options
 from fcmae.runtime.cli import check_writable_dir
 from fcmae.runtime.errors import UsageError
 from fcmae.runtime.options import (
@@ -59,6 +60,10 @@ def build_parser() -> ArgParser:
         help="a folder of images (flat or in class subfolders; labels unused), or WebDataset tar shards: a folder "
              "of .tar files or a brace pattern 'train-{000000..000146}.tar'")
     add_data_loading_options(g)
+    add(g, "--augment-on-device", action="store_true",
+        help="decode JPEGs in batches on the training device (nvJPEG on GPUs) and crop, flip and resize them there; "
+             "the workers only read files and draw the same boxes, flips and masks (other files are decoded on the "
+             "CPU as without it; docs/gpu.md)")
     g = p.add_argument_group("optimisation")
     add_optimisation_options(g)
     p.set_defaults(epochs=800, warmup_epochs=40, blr=1.5e-4, min_lr=0.0, weight_decay=0.05)
@@ -101,6 +106,8 @@ def validate(args):
     if args.show_channels is not None and (len(args.show_channels) != 3 or max(args.show_channels) >= args.in_chans):
         raise UsageError(f"--show-channels takes three channel indices below --in-chans {args.in_chans}, "
                          f"got {args.show_channels}")
+    if args.augment_on_device:
+        check_device_options(args.data_path, args.in_chans)
     if args.knn_every_epochs is None:
         args.knn_every_epochs = 1 if (args.knn_data or not args.data_path) else 0
     if args.knn_every_epochs and args.data_path and not args.knn_data:

@@ -59,7 +59,7 @@ class PretrainStage(Stage):
         # fixed images and masks: the first 4 for the reconstruction picture (comparable from epoch to epoch,
         # and drawn without touching the training RNG), up to 32 for the collapse monitor
         samples = [dataset[i] for i in range(min(32, len(dataset)))]
-        self.monitor_imgs = torch.stack([s[0] for s in samples])
+        self.monitor_imgs = data.stack([s[0] for s in samples])
         self.vis_masks = torch.stack([s[1] for s in samples[:4]])
         self.collapse: dict = {}
         self.knn_results: List[dict] = []

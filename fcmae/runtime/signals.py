@@ -1,6 +1,9 @@
 """Stop requests: SIGTERM, SIGINT and SIGUSR1 (SLURM's --signal=USR1@120) during a run finish the current step, save
 and exit with EXIT_STOPPED. Under DDP every process must stop at the same step (a process that leaves while the
-others enter the next all-reduce would hang them), so the processes agree at each log interval."""
+others enter the next all-reduce would hang them), so the processes agree at each log interval. DataLoader worker
+processes ignore these signals (`ignore_stop_signals`): a signal sent to a whole process group (torchrun passing
+SIGTERM on to its workers, SLURM's scancel, Ctrl-C in a terminal) reaches them too, and a worker it ended would
+fail the training process ("DataLoader worker ... is killed by signal") before it could save."""
 import signal
 
 import torch
@@ -42,3 +45,10 @@ def stop_agreed(stop: StopRequest, dist_info: DistInfo, device: torch.device, at
     flag = torch.tensor([1.0 if stop.signal else 0.0], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def ignore_stop_signals(worker_id: int):
+    """DataLoader `worker_init_fn`: the stop signals are the training process's to handle. A worker still ends
+    with the training process (torch's workers watch their parent)."""
+    for s in StopRequest.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
