@@ -12,10 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 220
 
-# Pages other branches of this round write (the GPU check, the experiment's protocol). While one is missing, links
-# to it are not checked; once it exists, test_pending_pages_are_still_missing fails so that its entry is removed.
-PENDING = {"docs/gpu.md"}
-
 FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.S | re.M)
 CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1", re.S)
 INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+[\"'(][^)]*)?\)")
@@ -63,9 +59,6 @@ def broken_links(page):
             continue
         path, _, anchor = target.partition("#")
         resolved = (page.parent / path).resolve() if path else page
-        name = resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else str(resolved)
-        if name in PENDING and not resolved.exists():
-            continue
         if not resolved.exists():
             problems.append(f"{target}: no such file")
         elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
@@ -89,11 +82,6 @@ def test_every_picture_sits_next_to_its_raw_data():
     """Plots in docs/ are drawn from a JSON file kept beside them, so their numbers can be read and redrawn."""
     bare = [p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.png") if not any(p.parent.glob("*.json"))]
     assert bare == []
-
-
-def test_pending_pages_are_still_missing():
-    arrived = sorted(p for p in PENDING if (ROOT / p).exists())
-    assert arrived == [], f"{arrived} exist now: remove them from PENDING so that links to them are checked"
 
 
 def test_the_checker_finds_broken_links_and_anchors(tmp_path, monkeypatch):
