@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import tools.experiment_fashion_mnist as E
+import tools.experiment_ablations as E
+from tools.experiment_fashion_mnist import main as experiment_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +30,7 @@ def test_arms_aliases_and_selection():
     with pytest.raises(ValueError, match="unknown arm 'grn'"):
         E.resolve_arms(["grn"])
     with pytest.raises(SystemExit):  # argparse's usage error
-        E.main(["--arm", "nope", "--work-dir", "/nonexistent/never"])
+        experiment_main(["--arm", "nope", "--work-dir", "/nonexistent/never"])
 
 
 def test_long_budget_changes_only_pretraining_and_shares_scratch_runs(tmp_path):
@@ -180,7 +181,7 @@ def fake_clis(monkeypatch):
 def test_stages_cached_across_invocations_and_arms_run_alone(tmp_path, fake_clis):
     work = tmp_path / "work"
     argv = ["--budget", "smoke", "--work-dir", str(work), "--num-workers", "0"]
-    result = E.main(argv + ["--arm", "v2-fcmae", "grn-off", "scratch"])
+    result = experiment_main(argv + ["--arm", "v2-fcmae", "grn-off", "scratch"])
     assert len(fake_clis.pretrain_calls) == 2 and len(fake_clis.finetune_calls) == 3 * 2
     assert set(result["arms"]) == {"v2-fcmae", "v1-fcmae", "scratch"}
     v2 = result["arms"]["v2-fcmae"]
@@ -199,12 +200,12 @@ def test_stages_cached_across_invocations_and_arms_run_alone(tmp_path, fake_clis
 
     # again: everything is reused (no CLI call, no evaluation), the same numbers
     evaluations = (work / "evaluations.json").read_text()
-    again = E.main(argv + ["--arm", "v2-fcmae", "v1-fcmae", "scratch"])
+    again = experiment_main(argv + ["--arm", "v2-fcmae", "v1-fcmae", "scratch"])
     assert len(fake_clis.pretrain_calls) == 2 and len(fake_clis.finetune_calls) == 6
     assert again["arms"] == result["arms"] and (work / "evaluations.json").read_text() == evaluations
 
     # one more arm alone: only its stages run; the table has all four
-    E.main(argv + ["--arm", "naive"])
+    experiment_main(argv + ["--arm", "naive"])
     assert len(fake_clis.pretrain_calls) == 3 and flag(fake_clis.pretrain_calls[-1], "--backend") == "naive"
     assert len(fake_clis.finetune_calls) == 8
     assert "| naive masking |" in (work / "results" / "results.md").read_text()
@@ -213,15 +214,15 @@ def test_stages_cached_across_invocations_and_arms_run_alone(tmp_path, fake_clis
 def test_a_stage_stopped_early_is_run_again(tmp_path, fake_clis):
     work = tmp_path / "work"
     argv = ["--budget", "smoke", "--work-dir", str(work), "--num-workers", "0", "--arm", "scratch"]
-    E.main(argv)
+    experiment_main(argv)
     assert len(fake_clis.finetune_calls) == 2
     stages = E.Stages(str(work), E.BUDGETS["smoke"], 0)
     stopped = work / stages.finetune_name(E.ARMS["scratch"], None, 1) / "metrics.json"
     stopped.write_text(json.dumps({"complete": False, "acc1": 1.0}))  # what a run stopped by a signal leaves
-    assert E.main(argv)["arms"]["scratch"]["finetune_runs"]["s1"] == 71.0
+    assert experiment_main(argv)["arms"]["scratch"]["finetune_runs"]["s1"] == 71.0
     assert len(fake_clis.finetune_calls) == 3 and flag(fake_clis.finetune_calls[-1], "--seed") == "1"
     stopped.write_text(json.dumps({"acc1": 1.0}))  # no "complete" key: not finished either
-    E.main(argv)
+    experiment_main(argv)
     assert len(fake_clis.finetune_calls) == 4
 
 
@@ -235,7 +236,7 @@ def test_a_stage_that_returns_incomplete_is_an_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(finetune.cli, "run", incomplete)
     with pytest.raises(RuntimeError, match="without a complete metrics.json"):
-        E.main(["--budget", "smoke", "--work-dir", str(tmp_path), "--num-workers", "0", "--arm", "scratch"])
+        experiment_main(["--budget", "smoke", "--work-dir", str(tmp_path), "--num-workers", "0", "--arm", "scratch"])
     assert not any(k.startswith("finetune_") for k in json.loads((tmp_path / "timings.json").read_text()))
 
 
@@ -259,7 +260,7 @@ def cli_flags_ready() -> bool:
 def test_smoke_budget_end_to_end(tmp_path):
     argv = ["--budget", "smoke", "--work-dir", str(tmp_path), "--num-workers", "0",
             "--arm", "v2-fcmae", "v1-fcmae", "naive", "scratch"]
-    result = E.main(argv)
+    result = experiment_main(argv)
     assert set(result["arms"]) == {"v2-fcmae", "v1-fcmae", "naive", "scratch"}
     for r in result["arms"].values():
         assert r["finetune"]["n"] == 2 and r["probe"]["n"] == 2 and 0 <= r["knn"]["mean"] <= 100
@@ -272,7 +273,7 @@ def test_smoke_budget_end_to_end(tmp_path):
 
     v1 = timm_encoder(str(tmp_path / result["arms"]["v1-fcmae"]["checkpoints"]["0"]))[1]
     assert all((p == 0).all() for n, p in v1.named_parameters() if ".grn." in n)
-    again = E.main(argv)  # every stage reused
+    again = experiment_main(argv)  # every stage reused
     assert again["arms"] == result["arms"]
 
 
@@ -445,7 +446,7 @@ def test_evidence_study_protocol_and_caching(tmp_path, fake_evidence_clis):
     work, out = tmp_path / "work", tmp_path / "out"
     argv = ["--study", "evidence", "--budget", "smoke", "--work-dir", str(work), "--out", str(out),
             "--num-workers", "0"]
-    res = E.main(argv)
+    res = experiment_main(argv)
     assert res["progress"] == {"done": V.planned_stages(TINY), "total": V.planned_stages(TINY)} and not res["failures"]
     rows = res["rows"]
     for r in rows:
@@ -488,10 +489,10 @@ def test_evidence_study_protocol_and_caching(tmp_path, fake_evidence_clis):
 
     # again: nothing runs, the same rows (wall times included); --report-only likewise
     evaluations = (work / "evaluations.json").read_text()
-    again = E.main(argv)
+    again = experiment_main(argv)
     assert len(ft.train_calls) == 10 and len(ft.eval_calls) == 7 and len(pre.pretrain_calls) == 3
     assert again["rows"] == rows and (work / "evaluations.json").read_text() == evaluations
-    assert E.main(argv + ["--report-only"])["rows"] == rows
+    assert experiment_main(argv + ["--report-only"])["rows"] == rows
 
 
 def test_evidence_study_goes_on_after_a_failed_group_and_stops_when_asked(tmp_path, fake_evidence_clis, monkeypatch):
@@ -508,7 +509,7 @@ def test_evidence_study_goes_on_after_a_failed_group_and_stops_when_asked(tmp_pa
 
     monkeypatch.setattr(fcmae.pretrain.cli, "main", nan_for_v1)
     argv = ["--study", "evidence", "--budget", "smoke", "--work-dir", str(tmp_path), "--num-workers", "0"]
-    res = E.main(argv)
+    res = experiment_main(argv)
     assert [f["stage"] for f in res["failures"]] == ["v1-fcmae 2 epochs"]
     assert res["progress"]["done"] < res["progress"]["total"]
     assert len(R.select(res["rows"], metric="feature_distance", stage="all")) == 2 * 3  # diversity still ran
@@ -519,13 +520,13 @@ def test_evidence_study_goes_on_after_a_failed_group_and_stops_when_asked(tmp_pa
 
     monkeypatch.setattr(fcmae.pretrain.cli, "main", stopped)
     with pytest.raises(RunStopped):  # a stop request ends the study; it does not skip to the next group
-        E.main(argv)
+        experiment_main(argv)
 
 
 def test_evidence_report_check_catches_drift(tmp_path, fake_evidence_clis):
     argv = ["--study", "evidence", "--budget", "smoke", "--work-dir", str(tmp_path / "w"), "--out",
             str(tmp_path / "out"), "--num-workers", "0"]
-    E.main(argv)
+    experiment_main(argv)
     results = str(tmp_path / "out" / "results.json")
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{R.BEGIN}\nold\n{R.END}\n\nmore\n")
@@ -561,7 +562,7 @@ def test_evidence_study_end_to_end_through_the_real_clis(tmp_path, monkeypatch):
         TINY, finetune_seeds=(0,), scratch_lrs=(1e-3,), scratch_epochs=(1,), plan=(V.Group("v2-fcmae", 1, (0,), (0,),
                                                                                            "claim"),)))
     argv = ["--study", "evidence", "--budget", "smoke", "--work-dir", str(tmp_path), "--num-workers", "0"]
-    res = E.main(argv)
+    res = experiment_main(argv)
     assert not res["failures"] and res["progress"]["done"] == res["progress"]["total"] == 1 + 4 + 1 + 1 + 1 + 4
     rows = res["rows"]
     test = R.select(rows, metric="finetune_top1", split="test")
@@ -571,7 +572,7 @@ def test_evidence_study_end_to_end_through_the_real_clis(tmp_path, monkeypatch):
     log_text = (tmp_path / V.finetune_name(V.STUDIES["smoke"], "scratch", 0, 1e-3, 1) / "log.txt").read_text()
     assert "200 val images held out from the training set" in log_text
     mtimes = {p: p.stat().st_mtime for p in tmp_path.glob("*/metrics.json")}
-    assert E.main(argv)["rows"] == rows and {p: p.stat().st_mtime for p in tmp_path.glob("*/metrics.json")} == mtimes
+    assert experiment_main(argv)["rows"] == rows and {p: p.stat().st_mtime for p in tmp_path.glob("*/metrics.json")} == mtimes
 
 
 def replace_study(study, **changes):

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from tools import experiment_fashion_mnist as E
+from tools import experiment_ablations as E
 
 log = logging.getLogger("fcmae")
 TRAIN_IMAGES = 60000
@@ -40,7 +40,7 @@ TRAIN_IMAGES = 60000
 
 @dataclass(frozen=True)
 class Group:
-    """One pretraining configuration: an arm of tools.experiment_fashion_mnist.ARMS, its epochs (its own
+    """One pretraining configuration: an arm of tools.experiment_ablations.ARMS, its epochs (its own
     schedule), pretraining seeds, and the fine-tuning seeds (label subsets) its checkpoints are fine-tuned with."""
     arm: str
     epochs: int
