@@ -29,10 +29,11 @@ from fcmae.data.folders import ImageFiles
 from fcmae.data.normalization import EIGHT_BIT
 from fcmae.data.transforms import AsTensor
 from fcmae.runtime.cli import check_writable_dir, run_cli
-from fcmae.runtime.errors import UsageError
+from fcmae.runtime.errors import DataError, UsageError
 from fcmae.runtime.logs import setup_logging
 from fcmae.runtime.options import ArgParser, Float, Int, Str, add, parse_with_config
 
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest std normalisation can divide by
 log = logging.getLogger("fcmae")
 PROGRESS_EVERY_S = 5.0
 
@@ -108,6 +109,17 @@ def channel_stats(folder: str, in_chans: int, max_images: Optional[int] = None, 
             "images": len(files) - skipped, "skipped": skipped, "kind": files.kind}
 
 
+def check_spread(folder: str, std) -> None:
+    """DataError for channels with no spread (std 0 in float32, e.g. constant images): every trainer refuses
+    such a std (fcmae.data.normalization), so no YAML is printed or written."""
+    flat = [c for c, s in enumerate(std) if not s >= FLOAT32_TINY]
+    if flat:
+        raise DataError(f"{folder}: channel{'s' * (len(flat) > 1)} {', '.join(map(str, flat))} of --in-chans "
+                        f"{len(std)} {'have' if len(flat) > 1 else 'has'} the same value in every pixel of every image "
+                        "read (std 0): no normalisation can divide by it, so no statistics were written; check the "
+                        "images (or --in-chans)")
+
+
 def to_yaml(stats: dict) -> str:
     """The YAML the CLIs' `-c` reads (in-chans, mean, std), after a comment line on where the numbers come from."""
     units = "scaled to 0..1" if stats["kind"] == EIGHT_BIT else "in their own units"
@@ -143,6 +155,7 @@ def run(argv=None) -> dict:
     setup_logging()
     stats = channel_stats(args.folder, args.in_chans, args.max_images, args.num_workers, args.bad_image,
                           args.max_bad_fraction, args.seed)
+    check_spread(args.folder, stats["std"])
     text = to_yaml(stats)
     print(text, end="")
     if args.out:
