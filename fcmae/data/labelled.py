@@ -4,7 +4,7 @@ evaluates on them; the kNN monitor and tools read their features.
 """
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import AbstractSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
@@ -40,6 +40,7 @@ class Datasets:
     train: Dataset
     val: Dataset
     classes: List[str]
+    replaced: Tuple[str, ...] = ()  # augmentations replaced to fit the images (check_channel_options), for the log
 
 
 def _shard_pair(train_dir: str, val_dir: str, train_tf, val_tf, **options):
@@ -82,16 +83,18 @@ def build_datasets(*, data_path: Optional[str], input_size, in_chans: int = 3,
                    aa: Optional[str] = None, reprob: float = 0.0, color_jitter: Optional[float] = None,
                    train_subset: Optional[int] = None, label_fraction: Optional[float] = None,
                    val_subset: Optional[int] = None, seed: int = 0, bad_image: str = "skip",
-                   max_bad_fraction: float = 0.01, train: bool = True, augment: bool = True) -> Datasets:
+                   max_bad_fraction: float = 0.01, train: bool = True, augment: bool = True,
+                   typed: Optional[AbstractSet[str]] = None) -> Datasets:
     """Train and val sets with their transforms and the subsets asked for: `data_path` with train/<class>/* and
     val/<class>/*, or Fashion-MNIST (None). `input_size` (H, W); mean/std None: the defaults of
     fcmae.data.resolve_mean_std (8-bit sources only: UsageError for high-bit-depth folders). With train=False the
     train set is still read (it defines the classes) but not subsetted; with augment=False it gets the eval
     transform too (kNN evaluation reads features of both sets the same way). UsageError for colour options the
-    images cannot take (check_channel_options), DataError for missing or unreadable data."""
+    images cannot take where typed (check_channel_options: `typed`, the options given on the command line; default
+    and recipe values are replaced, said in `replaced`), DataError for missing or unreadable data."""
     aa = None if aa in ("", "none") or not augment else aa
     color_jitter = color_jitter if augment else None
-    check_channel_options(in_chans, aa, color_jitter)
+    check_channel_options(in_chans, aa, color_jitter, typed=typed)
     given = None if mean is None and std is None else resolve_mean_std(in_chans, mean, std)
     input_size = tuple(input_size)
     if data_path:
@@ -104,7 +107,7 @@ def build_datasets(*, data_path: Optional[str], input_size, in_chans: int = 3,
     else:
         train_ds, val_ds = (FashionMNIST(split, in_chans=in_chans) for split in ("train", "val"))
         classes, kind = list(train_ds.classes), None
-    check_channel_options(in_chans, aa, color_jitter, kind)
+    replaced = tuple(check_channel_options(in_chans, aa, color_jitter, kind, typed))
     mean, std = given or resolve_mean_std(in_chans, kind=kind)
     val_ds.transform = eval_transform(input_size, in_chans, mean, std)
     train_ds.transform = train_transform(input_size, aa, reprob, in_chans, mean, std, color_jitter) if augment \
@@ -117,7 +120,7 @@ def build_datasets(*, data_path: Optional[str], input_size, in_chans: int = 3,
             train_ds = _subset(train_ds, n, seed, "--train-subset/--label-fraction")
     if val_subset is not None:
         val_ds = _subset(val_ds, val_subset, seed + 1, "--val-subset")
-    return Datasets(train_ds, val_ds, classes)
+    return Datasets(train_ds, val_ds, classes, replaced)
 
 
 def _subset(dataset, n: int, seed: int, flag: str):
