@@ -34,6 +34,7 @@ from fcmae.runtime.logs import setup_logging
 from fcmae.runtime.options import ArgParser, Float, Int, Str, add, parse_with_config
 
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest std normalisation can divide by
+RELATIVE_SPREAD = 1e-6  # a std below this fraction of the mean is no spread (float32 images resolve about 6e-8)
 log = logging.getLogger("fcmae")
 PROGRESS_EVERY_S = 5.0
 
@@ -109,10 +110,10 @@ def channel_stats(folder: str, in_chans: int, max_images: Optional[int] = None, 
             "images": len(files) - skipped, "skipped": skipped, "kind": files.kind}
 
 
-def check_spread(folder: str, std) -> None:
-    """DataError for channels with no spread (std 0 in float32, e.g. constant images): every trainer refuses
-    such a std (fcmae.data.normalization), so no YAML is printed or written."""
-    flat = [c for c, s in enumerate(std) if not s >= FLOAT32_TINY]
+def check_spread(folder: str, mean, std) -> None:
+    """DataError for channels with no spread (constant images): their std is 0, or the float64 rounding noise of
+    the sums (about 1e-17 of the mean), which no normalisation can divide by; so no YAML is printed or written."""
+    flat = [c for c, (m, s) in enumerate(zip(mean, std)) if not s >= max(FLOAT32_TINY, RELATIVE_SPREAD * abs(m))]
     if flat:
         raise DataError(f"{folder}: channel{'s' * (len(flat) > 1)} {', '.join(map(str, flat))} of --in-chans "
                         f"{len(std)} {'have' if len(flat) > 1 else 'has'} the same value in every pixel of every image "
@@ -155,7 +156,7 @@ def run(argv=None) -> dict:
     setup_logging()
     stats = channel_stats(args.folder, args.in_chans, args.max_images, args.num_workers, args.bad_image,
                           args.max_bad_fraction, args.seed)
-    check_spread(args.folder, stats["std"])
+    check_spread(args.folder, stats["mean"], stats["std"])
     text = to_yaml(stats)
     print(text, end="")
     if args.out:
