@@ -136,7 +136,8 @@ def build_parser() -> ArgParser:
     add(p, "--out", kind=Str(optional=True), default=None, help="also write the YAML here")
     add(p, "--max-images", kind=Int(min=1), default=None, help="a seeded random sample of N files (default: all)")
     add(p, "--seed", kind=Int(min=0), default=0, help="picks the --max-images sample")
-    add(p, "--num-workers", kind=Int(min=0), default=2, help="decoding processes (0: the main process)")
+    add(p, "-j", "--num-workers", "--workers", kind=Int(min=0), default=2,
+        help="decoding processes (0: the main process)")
     add(p, "--bad-image", kind=Str(["skip", "error"]), default="skip",
         help="an unreadable file: 'skip' it (counted) or 'error' (stop at the first)")
     add(p, "--max-bad-fraction", kind=Float(min=0, max=1), default=0.01, metavar="F",
