@@ -140,3 +140,13 @@ def test_recipes_are_found_in_the_installed_package_data(tmp_path, monkeypatch):
     monkeypatch.setattr(options, "recipe_dirs", lambda stage: [str(tmp_path / "none" / stage), str(installed)])
     assert find_config("mine", "pretrain") == str(installed / "mine.yaml")
     assert parse_with_config(pretrain_parser(), ["-c", "mine"]).epochs == 3
+
+
+def test_help_with_a_recipe_shows_its_defaults(capsys):
+    from fcmae.runtime.options import answer_help
+
+    with pytest.raises(SystemExit) as e:
+        answer_help(pretrain_parser, ["-c", "convnextv2_base", "--help"])
+    assert e.value.code == 0
+    assert re.search(r"--epochs N\s+an integer >= 1 \(default: 1600\)", capsys.readouterr().out)
+    assert answer_help(pretrain_parser, ["--epochs", "3"]) is None  # no help asked: the real parse follows

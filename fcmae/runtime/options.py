@@ -336,16 +336,30 @@ class ArgParser(argparse.ArgumentParser):
 
 def answer_help(build_parser: Callable[[], argparse.ArgumentParser], argv=None):
     """--help / --version answered from the light options module, before a stage imports torch and timm
-    (seconds): a stage's `python -m` entry calls this first. Anything else returns for the real parse."""
+    (seconds): a stage's `python -m` entry calls this first. With `-c RECIPE` the help shows the recipe's
+    defaults; a config that cannot be read, and anything else, return for the real parse (which reports it)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     asked = argv[:argv.index("--")] if "--" in argv else argv
-    if any(a in ("-h", "--help", "--version") for a in asked):
-        parser = build_parser()
-        if "--version" in asked and not {"-h", "--help"} & set(asked):
-            print(f"{parser.prog} {package_version()}")
-        else:
-            parser.print_help()
-        parser.exit()
+    if not any(a in ("-h", "--help", "--version") for a in asked):
+        return
+    parser = build_parser()
+    if "--version" in asked and not {"-h", "--help"} & set(asked):
+        parser.parse_args(["--version"])  # prints and exits
+    config = _config_argument(asked)
+    if config:
+        try:
+            parser.set_defaults(**read_config(parser, config))
+        except UsageError:
+            return
+    parser.print_help()
+    parser.exit()
+
+
+def _config_argument(argv) -> Optional[str]:
+    """The -c/--config value of argv (parse_with_config reads it before the other options)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config", default=None)
+    return pre.parse_known_args(argv)[0].config
 
 
 def option_name(action) -> str:
@@ -398,11 +412,9 @@ def typed_options(parser: argparse.ArgumentParser, argv=None) -> frozenset:
 def parse_with_config(parser: ArgParser, argv=None) -> argparse.Namespace:
     """Parser defaults < `-c RECIPE_OR_FILE.yaml` < command line, then every value checked (`check_all`).
     `args.typed`: the options given on the command line (`typed_options`); not an option, never saved (`plain`)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("-c", "--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**read_config(parser, known.config))
+    config = _config_argument(argv)
+    if config:
+        parser.set_defaults(**read_config(parser, config))
     args = parser.parse_args(argv)
     check_all(parser, args)
     args.typed = typed_options(parser, argv)
