@@ -52,7 +52,7 @@ for cli in TRAINING:
     row(cli, b"lr: 0.1\nlr: 0.2\n", [], "{cfg}", "lr", "twice")
     row(cli, b"batch-size: 2\nbatch_size: 4\n", [], "{cfg}", "batch_size", "twice")
     row(cli, b"help: true\n", [], "{cfg}", "unknown keys: help")
-    row(cli, DEEP, [], "{cfg}", "nested")
+    row(cli, DEEP, [], "{cfg}", "nest")
     # values argparse would have converted or refused: nested maps, empty and nested lists, null, non-finite,
     # strings that are not numbers, numbers too large for what uses them
     row(cli, b"lr: {a: 1}\n", [], "--lr", "number")
@@ -74,7 +74,8 @@ for cli in TRAINING:
     row(cli, b"mean: " + BOMB + b"\n", [], "--mean")
     row(cli, b"input-size: " + BOMB + b"\n", [], "--input-size")
     row(cli, b"model: '" + b"x" * 200_000 + b"'\n", [], "--model")
-    row(cli, b"output-dir: [" + b"1, " * 100_000 + b"1]\n", [], "--output-dir", "string")
+    row(cli, b"output-dir: [" + b"1, " * 10_000 + b"1]\n", [], "--output-dir", "string")
+    row(cli, b"# " + b"x" * 300_000 + b"\n", [], "{cfg}", "bytes")
     row(cli, None, ["--seed", "18446744073709551616"], "--seed", "64 bits")
 
 # fine-tuning's flags that change what runs when a string counts as true
@@ -153,22 +154,21 @@ def test_unreadable_config(tmp_path, folders, capsys):
 
 
 def test_anchor_bomb_is_refused_fast_in_little_memory(tmp_path, folders):
-    """As a process: the refusal takes well under 10 s on a loaded machine and its peak memory stays that of the
-    imports (the bomb expanded would be billions of objects)."""
+    """As a process: the refusal (imports excluded) takes well under 10 s on a loaded machine and adds little to
+    the peak memory of the imports (the bomb expanded would be billions of objects)."""
     cfg = tmp_path / "bomb.yaml"
     cfg.write_bytes(b"mean: " + BOMB + b"\nlr: " + BOMB + b"\n")
-    code = ("import resource, sys; from fcmae.runtime.cli import run_cli; from fcmae.pretrain.cli import main; "
-            "rc = run_cli(main, sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stdout); sys.exit(rc)")
-    t0 = time.perf_counter()
+    code = ("import resource, sys, time; from fcmae.runtime.cli import run_cli; from fcmae.pretrain.cli import main\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t0 = time.perf_counter()\n"
+            "rc = run_cli(main, sys.argv[1:])\n"
+            "print(time.perf_counter() - t0, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+            "sys.exit(rc)")
     res = subprocess.run([sys.executable, "-c", code, "-c", str(cfg), "--output-dir", str(tmp_path / "out")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    seconds = time.perf_counter() - t0
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and len(res.stderr) < 600, res.stderr
-    peak_mib = int(res.stdout.split()[-1]) / 1024
-    assert peak_mib < 1500, f"peak {peak_mib:.0f} MiB"
-    assert seconds < 10 + 20, f"{seconds:.1f} s (imports included)"
+    seconds, growth_mib = map(float, res.stdout.split())
+    assert seconds < 10 and growth_mib < 200, (seconds, growth_mib)
     assert not (tmp_path / "out").exists()
 
 
