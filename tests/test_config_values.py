@@ -157,7 +157,7 @@ def test_anchor_bomb_is_refused_fast_in_little_memory(tmp_path, folders):
     """As a process: the refusal (imports excluded) takes well under 10 s on a loaded machine and adds little to
     the peak memory of the imports (the bomb expanded would be billions of objects)."""
     cfg = tmp_path / "bomb.yaml"
-    cfg.write_bytes(b"mean: " + BOMB + b"\nlr: " + BOMB + b"\n")
+    cfg.write_bytes(b"mean: " + BOMB + b"\n")
     code = ("import resource, sys, time; from fcmae.runtime.cli import run_cli; from fcmae.pretrain.cli import main\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t0 = time.perf_counter()\n"
             "rc = run_cli(main, sys.argv[1:])\n"
