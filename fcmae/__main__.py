@@ -1,3 +1,4 @@
-from fcmae.pretrain.cli import cli
+"""`python -m fcmae`: the pretraining stage (fcmae/pretrain/__main__.py answers --help before torch loads)."""
+from fcmae.pretrain.__main__ import main
 
-cli()
+main()

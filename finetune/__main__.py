@@ -1,3 +1,16 @@
-from .cli import main
+"""`python -m finetune`: --help and --version are answered from the options alone, before the training code
+imports torch and timm (seconds)."""
+from fcmae.runtime.options import answer_help
 
-main()
+from .options import build_parser
+
+
+def main(argv=None):
+    answer_help(build_parser, argv)
+    from .cli import main as run_main
+
+    run_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,7 +38,7 @@ def run(argv=None) -> dict:
     """Parse, check, then train (returns metrics.json's content) or evaluate (returns the accuracies)."""
     args = parse_args(argv)
     validate(args)
-    check_channel_options(args.in_chans, args.aa, args.color_jitter)
+    check_channel_options(args.in_chans, args.aa, args.color_jitter, typed=args.typed)
     resolve_mean_std(args.in_chans, args.mean, args.std)  # wrong lists stop us before any data is read
     if args.eval:
         return in_process_group(args.device, lambda dist_info: evaluate_checkpoint(args, dist_info, datasets))
@@ -62,7 +62,7 @@ def datasets(args, train: bool = True) -> Datasets:
                           train_subset=args.train_subset if train else None,
                           label_fraction=args.label_fraction if train else None, val_subset=args.val_subset,
                           seed=args.seed, bad_image=args.bad_image, max_bad_fraction=args.max_bad_fraction,
-                          val_split=args.val_split if train else None)
+                          val_split=args.val_split if train else None, typed=args.typed)
 
 
 def to_channels_last(images, targets):
@@ -81,6 +81,8 @@ def check_val_files(loader, stage):
 def train(args, dist_info, *, start: FinetuneStart, data: Datasets, steps_per_epoch: int) -> dict:
     device = device_for(args.device, dist_info)
     open_output(args.output_dir, dist_info, start.run, args.overwrite)
+    for replaced in data.replaced:  # augmentations a default or recipe asked for that the images cannot take
+        log.info(replaced)
     seed_all(args.seed)  # the same initial weights on every process (and so in the EMA copy each one makes)
     model = create_classifier(args.model, args.nb_classes, args.drop_path, args.in_chans)
     if start.pretrained is not None:

@@ -10,10 +10,13 @@ reference ids, so they are reproduced here on timm's parameter names:
     stages.i.j.*              stages.i.blocks.j.*
     norm.*, head.*            head.norm.*, head.fc.*
 """
-import re
-from typing import Dict, List, Sequence
+from __future__ import annotations
 
-from torch import nn
+import re
+from typing import TYPE_CHECKING, Dict, List, Sequence
+
+if TYPE_CHECKING:  # torch only for the annotations: finetune.options (and so --help) reads LAYER_DECAY_TYPES
+    from torch import nn
 
 LAYER_DECAY_TYPES = ("single", "group")
 GROUP_LAYERS = 12  # the reference's "group" mode: 12 groups of about three blocks (built for a 27-deep stage 3)

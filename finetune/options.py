@@ -1,7 +1,9 @@
-"""Options of `python -m finetune`, each declared once with its type and range (fcmae.options), and their checks
+"""Options of `python -m finetune`, each declared once with its type and range (fcmae.runtime.options), and their checks
 before any work starts.
 
-Defaults are the reference convnextv2_atto recipe; configs/finetune/<model>.yaml hold the other variants'.
+Defaults are the reference convnextv2_atto recipe; configs/finetune/<model>.yaml hold the other variants' (`-c NAME`).
+Light to import (no torch, no timm): `python -m finetune --help` builds this parser before the training code loads.
+START_RULES, which needs fcmae.runtime.run_start (torch), is made on first use.
 """
 import argparse
 import os
@@ -16,6 +18,7 @@ from fcmae.runtime.options import (
     Int,
     Str,
     add,
+    add_config_option,
     add_data_loading_options,
     add_model_input_options,
     add_optimisation_options,
@@ -23,19 +26,38 @@ from fcmae.runtime.options import (
     check_all,
     input_size,
     parse_with_config,
+    shown,
 )
-from fcmae.runtime.run_start import StartRules
-from models import VARIANTS
-from models.variants import get_variant
+from models.variants import VARIANTS, get_variant
 
 from .layer_decay import LAYER_DECAY_TYPES
 
 DEFAULT_MODEL = "convnextv2_atto"
 FORMAT = "fcmae-finetune"
-START_RULES = StartRules(
-    format=FORMAT, what="a fine-tuning checkpoint (start from it with --finetune instead)",
-    fixed=("model", "in_chans", "nb_classes", "encoder_grn"),  # they shape the model
-    run_only=RUN_ONLY | {"eval", "finetune", "eval_every_epochs"})
+EXAMPLES = """examples:
+  # fine-tune an FCMAE checkpoint on train/<class>/ and val/<class>/ folders with the reference atto recipe
+  python -m finetune --finetune output/pretrain/checkpoint-00001000.pth --data-path /data/labelled
+  # the reference convnextv2_base recipe (AdamW, layer decay 0.6, mixup, cutmix, EMA) on 4 GPUs
+  torchrun --nproc-per-node 4 -m finetune -c convnextv2_base --finetune base.pth --data-path /data/labelled \\
+      --accum-iter 8
+  # evaluate a fine-tuned checkpoint and exit
+  python -m finetune --eval --resume output/finetune/checkpoint-best.pth --data-path /data/labelled
+"""
+
+
+def __getattr__(name):
+    """START_RULES on first use: fcmae.runtime.run_start imports torch, which --help must not wait for."""
+    if name != "START_RULES":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from fcmae.runtime.run_start import StartRules
+
+    rules = StartRules(
+        format=FORMAT, what="a fine-tuning checkpoint (start from it with --finetune instead)",
+        fixed=("model", "in_chans", "nb_classes", "encoder_grn"),  # they shape the model
+        run_only=RUN_ONLY | {"eval", "finetune", "eval_every_epochs"})
+    globals()["START_RULES"] = rules
+    return rules
+
 
 # --linear-probe: the encoder is frozen, so what regularises fine-tuning (layer decay, mixup/cutmix, RandAugment,
 # random erasing, drop-path, label smoothing, weight decay, EMA) is off; AdamW on the LayerNorm + Linear head at
@@ -46,11 +68,10 @@ PROBE_DEFAULTS = {"layer_decay": 1.0, "mixup": 0.0, "cutmix": 0.0, "aa": "none",
 
 
 def build_parser() -> ArgParser:
-    p = ArgParser(prog="python -m finetune",
-                  description="Fine-tune (or evaluate) a ConvNeXt V2 classifier, optionally from an FCMAE checkpoint. "
-                              "Defaults: the reference convnextv2_atto recipe; "
-                              "-c configs/finetune/<model>.yaml for the others.")
-    add(p, "-c", "--config", default=None, help="YAML file of option defaults (e.g. configs/finetune/<model>.yaml)")
+    p = ArgParser(prog="python -m finetune", recipes="finetune", epilog=EXAMPLES,
+                  description="Fine-tune (or evaluate) a ConvNeXt V2 classifier, optionally from an FCMAE checkpoint\n"
+                              "(defaults: the reference recipe of convnextv2_atto; -c NAME for the others).")
+    add_config_option(p)
     g = p.add_argument_group("model")
     add(g, "--model", kind=Str(optional=True), default=None,
         help=f"one of: {', '.join(VARIANTS)}; default: the --finetune/--resume checkpoint's, else {DEFAULT_MODEL}")
@@ -62,7 +83,7 @@ def build_parser() -> ArgParser:
         help="train only the head (LayerNorm + Linear on pooled features) on the frozen encoder, run in eval mode; "
              "defaults then: " + ", ".join(f"{k}={v}" for k, v in PROBE_DEFAULTS.items())
              + " (flags given on the command line win)")
-    add(g, "--nb-classes", kind=Int(min=1), default=None,
+    add(g, "--nb-classes", "--num-classes", kind=Int(min=1), default=None,
         help="classifier outputs; default: the kept head's size, else the number of classes in the data")
     add_model_input_options(g)
     add(g, "--drop-path", kind=Float(min=0, max=1, open_max=True), default=0.1, help="stochastic depth rate")
@@ -72,7 +93,7 @@ def build_parser() -> ArgParser:
     g = p.add_argument_group("data")
     add(g, "--dataset", kind=Str(["fashion-mnist"]), default="fashion-mnist",
         help="built-in dataset, used when --data-path is not given")
-    add(g, "--data-path", kind=Str(optional=True), default=None,
+    add(g, "--data-path", "--data-dir", kind=Str(optional=True), default=None, metavar="PATH",
         help="folder with train/<class>/* and val/<class>/* images (or train/ and val/ tar shards)")
     add(g, "--train-subset", kind=Int(min=1), default=None, help="train on a seeded, class-stratified subset of N")
     add(g, "--label-fraction", kind=Float(min=0, max=1, open_min=True), default=None,
@@ -85,10 +106,13 @@ def build_parser() -> ArgParser:
              "other training images (--label-fraction still of the whole training set: 0.01 of Fashion-MNIST is "
              "600). --eval ignores it and evaluates on val/")
     add_data_loading_options(g)
-    add(g, "--aa", kind=Str(optional=True), default="rand-m9-mstd0.5-inc1",
-        help="timm auto-augment policy (rand-..., augmix-..., original, v0, ...), or 'none' (RGB only)")
+    g = p.add_argument_group("augmentation")
+    add(g, "--aa", kind=Str(optional=True), default="rand-m9-mstd0.5-inc1", metavar="POLICY",
+        help="timm auto-augment policy (rand-..., augmix-..., original, v0, ...), or 'none'; for images that are not "
+             "8-bit RGB a policy from a default or a recipe becomes its geometric part (rotate, shear, translate), "
+             "one typed here is refused")
     add(g, "--color-jitter", kind=Float(min=0), default=None,
-        help="colour jitter strength (RGB only; default none, as the reference recipe: timm would add 0.4)")
+        help="colour jitter strength (8-bit RGB only; default none, as the reference recipe: timm would add 0.4)")
     add(g, "--reprob", kind=Float(min=0, max=1), default=0.25, help="random erasing probability")
     add(g, "--mixup", kind=Float(min=0), default=0.0, help="mixup alpha (0: off)")
     add(g, "--cutmix", kind=Float(min=0), default=0.0, help="cutmix alpha (0: off)")
@@ -102,14 +126,15 @@ def build_parser() -> ArgParser:
         help="'single': one id per block; 'group': 12 groups of three blocks (base and up)")
     add(g, "--model-ema", kind=Bool(), default=True, help="keep an EMA of the weights")
     add(g, "--model-ema-decay", kind=Float(min=0, max=1, open_max=True), default=0.9999)
-    add(g, "--model-ema-eval", kind=Bool(), default=True, help="also evaluate the EMA weights every epoch")
     g = p.add_argument_group("run")
     add(g, "--eval", action="store_true",
         help="evaluate and exit: the --resume CKPT if given, else the --finetune one (with its head), else the "
              "newest checkpoint in --output-dir")
     add_run_options(g, "output/finetune")
+    g = p.add_argument_group("monitoring")
     add(g, "--eval-every-epochs", kind=Int(min=1), default=1,
         help="evaluate (and pick the best checkpoint) every N epochs; always at the end")
+    add(g, "--model-ema-eval", kind=Bool(), default=True, help="also evaluate the EMA weights every epoch")
     return p
 
 
@@ -118,9 +143,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parse_with_config(parser, argv)  # leaves the config's values on the parser as its defaults
     if args.linear_probe:  # over the config's values (now the parser's defaults), under the command line's
+        typed = args.typed
         parser.set_defaults(**PROBE_DEFAULTS)
         args = parser.parse_args(argv)
         check_all(parser, args)
+        args.typed = typed
     return args
 
 
@@ -154,8 +181,8 @@ def validate(args):
     try:
         if args.model is not None:
             args.model = get_variant(args.model).name
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    except ValueError:
+        raise UsageError(f"unknown model {shown(args.model)}; valid models: {', '.join(VARIANTS)}") from None
     args.input_size = input_size(args.input_size)
     if args.train_subset is not None and args.label_fraction is not None:
         raise UsageError("give --train-subset or --label-fraction, not both")

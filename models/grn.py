@@ -14,8 +14,9 @@ import torch
 from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
+from .choices import GRN_STATS
+
 GRN_EPS = 1e-6
-GRN_STATS = ("sample", "batch")
 
 
 def check_grn_stats(stats: str) -> str:

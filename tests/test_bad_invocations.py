@@ -133,7 +133,11 @@ for cli in TRAINING:
     case(cli, ["yaml:maks_ratio: 0.6"], "unknown keys: maks_ratio")
     case(cli, ["yaml:[1, 2]"], "mapping")
     case(cli, ["yaml:model: [atto"], "not valid YAML")
-    case(cli, ["-c", "{root}/missing.yaml"], "cannot read config")
+    case(cli, ["-c", "{root}/missing.yaml"], "{root}/missing.yaml", "no such file")
+    # normalisation runs in float32: values float64 holds but float32 does not
+    case(cli, ["--mean", "0.5", "0.5", "0.5", "--std", "1e-300", "0.2", "0.2"], "--std", "1e-300", "float32")
+    case(cli, ["--mean", "1e300", "0", "0", "--std", "0.2", "0.2", "0.2"], "--mean", "float32")
+    case(cli, ["--mean", "0", "0", "0", "--std", "1e39", "1", "1"], "--std", "float32")
 
 for cli in ("pretrain", "finetune", "knn_eval", "visualize", "benchmark"):
     case(cli, ["--device", "cuda"], "--device", "CUDA is not available")
@@ -204,6 +208,7 @@ case("knn_eval", ["--label-fraction", "1.5"], "--label-fraction", "> 0 and <= 1"
 case("knn_eval", ["--mean", "0.5", "--std", "0.2"], "--mean", "one per channel")
 case("knn_eval", ["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0", "0.2"], "--std", POS)
 case("knn_eval", ["--json", "/proc/knn.json"], "--json", "not writable")
+case("knn_eval", ["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "1e-40", "0.2"], "--std", "float32")
 
 # --- reconstruction pictures
 case("visualize", ["--device", "foo"], "--device", "cpu, cuda or cuda:N")
@@ -258,6 +263,7 @@ case("data_stats", ["--num-workers", "-1"], "--num-workers", NONNEG)
 case("data_stats", ["--max-bad-fraction", "2"], "--max-bad-fraction", "1")
 case("data_stats", ["--out", "/proc/stats.yaml"], "not writable")
 case("data_stats", ["--in-chans", "three"], "--in-chans", "three")
+case("data_stats", [], "{six}", "channels 1, 2", "std 0")  # its green and blue are 0 in every image
 case("make_shards", ["--shard-size", "lots"], "--shard-size", "lots")
 case("make_shards", ["--shard-size", "0"], "--shard-size")
 case("make_shards", ["--prefix", "a/b"], "--prefix")

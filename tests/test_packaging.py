@@ -12,8 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fcmae", "finetune", "models")
 CONSOLE_SCRIPTS = {
-    "fcmae-pretrain": "fcmae.pretrain.cli:cli",
-    "fcmae-finetune": "finetune.cli:main",
+    "fcmae-pretrain": "fcmae.pretrain.__main__:main",
+    "fcmae-finetune": "finetune.__main__:main",
     "fcmae-convert": "fcmae.tools.convert:main",
     "fcmae-make-shards": "fcmae.tools.make_shards:main",
     "fcmae-data-stats": "fcmae.tools.data_stats:main",

@@ -24,7 +24,6 @@ Peak memory: the peak above the pre-step baseline over two steps (optimizer stat
 each candidate runs in its own fresh process, so peaks cannot mix (RSS high-water mark; /proc/self/clear_refs
 resets it after the model is built); on CUDA torch.cuda.max_memory_allocated after a reset.
 """
-import argparse
 import gc
 import json
 import multiprocessing as mp
@@ -411,8 +410,7 @@ def split_list(values, convert, option: str, what: str):
 def build_parser():
     from fcmae.runtime.options import ArgParser, Device, Int, Str, add
 
-    p = ArgParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0],
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0])
     add(p, "--variants", kind=Str(), nargs="+", help="e.g. atto tiny (or atto,tiny); default atto")
     add(p, "--input-sizes", kind=Str(), nargs="+", help="224 or HxW, e.g. 192x256; default 224")
     add(p, "--batch-sizes", kind=Str(), nargs="+", help="default 32 (8 with --scaling)")

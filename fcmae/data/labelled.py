@@ -4,7 +4,7 @@ evaluates on them; the kNN monitor and tools read their features.
 """
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import AbstractSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
@@ -62,6 +62,7 @@ class Datasets:
     train: Dataset
     val: Dataset
     classes: List[str]
+    replaced: Tuple[str, ...] = ()  # augmentations replaced to fit the images (check_channel_options), for the log
 
 
 def _shard_pair(train_dir: str, val_dir: str, train_tf, val_tf, **options):
@@ -104,20 +105,21 @@ def build_datasets(*, data_path: Optional[str], input_size, in_chans: int = 3,
                    train_subset: Optional[int] = None, label_fraction: Optional[float] = None,
                    val_subset: Optional[int] = None, seed: int = 0, bad_image: str = "skip",
                    max_bad_fraction: float = 0.01, train: bool = True, augment: bool = True,
-                   val_split: Optional[int] = None) -> Datasets:
+                   val_split: Optional[int] = None, typed: Optional[AbstractSet[str]] = None) -> Datasets:
     """Train and val sets with their transforms and the subsets asked for: `data_path` with train/<class>/* and
     val/<class>/*, or Fashion-MNIST (None). `input_size` (H, W); mean/std None: the defaults of
     fcmae.data.resolve_mean_std (8-bit sources only: UsageError for high-bit-depth folders). With train=False the
     train set is still read (it defines the classes) but not subsetted; with augment=False it gets the eval
     transform too (kNN evaluation reads features of both sets the same way). UsageError for colour options the
-    images cannot take (check_channel_options), DataError for missing or unreadable data.
+    images cannot take where typed (check_channel_options: `typed`, the options given on the command line; default
+    and recipe values are replaced, said in `replaced`), DataError for missing or unreadable data.
 
     val_split N (with train=True): `val` is N class-stratified training images held out with VAL_SPLIT_SEED (the
     same for every `seed`; eval transform), the data's own val/ is not read, and `train` (and its subset, whose
     size label_fraction still takes from the whole training set) comes from the other training images only."""
     aa = None if aa in ("", "none") or not augment else aa
     color_jitter = color_jitter if augment else None
-    check_channel_options(in_chans, aa, color_jitter)
+    check_channel_options(in_chans, aa, color_jitter, typed=typed)
     given = None if mean is None and std is None else resolve_mean_std(in_chans, mean, std)
     input_size = tuple(input_size)
     held_out = bool(val_split) and train
@@ -133,7 +135,7 @@ def build_datasets(*, data_path: Optional[str], input_size, in_chans: int = 3,
         train_ds = FashionMNIST("train", in_chans=in_chans)
         val_ds = FashionMNIST("train" if held_out else "val", in_chans=in_chans)
         classes, kind = list(train_ds.classes), None
-    check_channel_options(in_chans, aa, color_jitter, kind)
+    replaced = tuple(check_channel_options(in_chans, aa, color_jitter, kind, typed))
     mean, std = given or resolve_mean_std(in_chans, kind=kind)
     val_ds.transform = eval_transform(input_size, in_chans, mean, std)
     train_ds.transform = train_transform(input_size, aa, reprob, in_chans, mean, std, color_jitter) if augment \
@@ -155,7 +157,7 @@ def build_datasets(*, data_path: Optional[str], input_size, in_chans: int = 3,
             train_ds = Subset(train_ds, pool.tolist())
     if val_subset is not None:
         val_ds = _subset(val_ds, val_subset, seed + 1, "--val-subset")
-    return Datasets(train_ds, val_ds, classes)
+    return Datasets(train_ds, val_ds, classes, replaced)
 
 
 def _subset(dataset, n: int, seed: int, flag: str, pool: Optional[np.ndarray] = None):

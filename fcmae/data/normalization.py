@@ -46,7 +46,25 @@ def resolve_mean_std(in_chans: int, mean: Optional[Sequence[float]] = None, std:
             raise UsageError(f"{name} values must be finite, got {list(values)}")
     if min(std) <= 0:
         raise UsageError(f"--std values must be > 0, got {list(std)}")
+    check_float32(mean, std)
     return mean, std
+
+
+def check_float32(mean: Sequence[float], std: Sequence[float]):
+    """Normalisation runs in float32 ((x - mean) / std): a mean or std beyond float32's range becomes inf, a std
+    below its smallest normal number loses its precision or becomes 0 (what float64 accepts, e.g. --std 1e-300,
+    would end as a non-finite loss)."""
+    for name, values in (("--mean", mean), ("--std", std)):
+        as32 = torch.tensor(values, dtype=torch.float64).to(torch.float32)
+        if not torch.isfinite(as32).all():
+            raise UsageError(f"{name} {list(values)}: beyond float32's range (|value| < 3.4e38), in which images are "
+                             "normalised")
+    tiny = torch.finfo(torch.float32).tiny  # 1 / tiny is still finite in float32
+    small = [v for v in std if v < tiny]
+    if small:
+        raise UsageError(f"--std {list(std)}: {small[0]:g} is below float32's smallest normal number ({tiny:g}), in "
+                         "which images are normalised; a channel with no spread cannot be normalised (see "
+                         "python -m fcmae.tools.data_stats)")
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

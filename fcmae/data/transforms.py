@@ -8,14 +8,16 @@ Fine-tuning, by channel count (`in_chans`) and source (fcmae/data/decode.py deco
   ColorJitter(0.4) without RandAugment, the reference had none); eval resize to input / 0.875 + centre crop, and
   at inputs of 384 and more a plain resize to the input size (the reference's squash, no crop);
 - any other channel count, and high-bit-depth RGB (float32 tensors): the same geometry on tensors, no colour ops:
-  train RandomResizedCrop(0.08-1, bicubic, antialiased) + flip + Normalize + random erasing; eval as for RGB.
+  train RandomResizedCrop(0.08-1, bicubic, antialiased) + flip + the policy's geometric part (RandomAffine, where
+  `aa` came from a default or a recipe: `geometric_part`) + Normalize + random erasing; eval as for RGB.
   8-bit sources are resized as uint8 (rounded and clipped, as PIL does) and then scaled to 0..1 (as ToTensor
   does), deeper ones stay float32 in their units;
-  `check_channel_options` refuses the colour options there.
+  `check_channel_options` refuses the colour options typed for them there.
 Normalisation uses the given per-channel mean and std (fcmae.data.normalization.resolve_mean_std).
 """
 import math
-from typing import Optional, Sequence
+import re
+from typing import AbstractSet, List, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -59,19 +61,49 @@ BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
 def check_channel_options(in_chans: int, aa: Optional[str] = None, color_jitter: Optional[float] = None,
-                          kind: Optional[str] = None):
+                          kind: Optional[str] = None, typed: Optional[AbstractSet[str]] = None) -> List[str]:
     """UsageError for augmentations that assume 8-bit RGB when the images are not (`in_chans` != 3, or `kind`
     HIGH_BIT_DEPTH: a dataset's kind, once it is open): RandAugment/AutoAugment (`aa` other than None/'none') and
-    colour jitter. For the CLI to call before anything runs, and again with the dataset's kind."""
+    colour jitter, where the user typed them (`typed`: the dests given on the command line; None: every value
+    counts as typed). A value from a default or a recipe is replaced instead: `train_transform` applies the
+    policy's geometric part (`geometric_part`) and no colour jitter to such images; the returned lines say so, for
+    the log. For the CLI to call before anything runs, and again with the dataset's kind."""
     if in_chans < 1:
         raise UsageError(f"--in-chans must be >= 1, got {in_chans}")
     if in_chans == 3 and kind != HIGH_BIT_DEPTH:
-        return
+        return []
     assumes, what = ("RGB", f"--in-chans {in_chans}") if in_chans != 3 else ("8-bit RGB", "16-bit or float images")
+    replaced = []
     if aa not in (None, "", "none"):
-        raise UsageError(f"RandAugment's colour operations assume {assumes}; pass --aa none for {what}")
+        if typed is None or "aa" in typed:
+            raise UsageError(f"RandAugment's colour operations assume {assumes}; pass --aa none for {what}")
+        replaced.append(f"{what}: RandAugment's colour operations assume {assumes}; using "
+                        f"{geometric_part(aa).transforms[0]!r} (its rotate, shear and translate, with probability "
+                        f"{GEOMETRIC_P:.2f}) instead of --aa {aa}")
     if color_jitter:
-        raise UsageError(f"colour jitter assumes {assumes}; leave out --color-jitter for {what}")
+        if typed is None or "color_jitter" in typed:
+            raise UsageError(f"colour jitter assumes {assumes}; leave out --color-jitter for {what}")
+        replaced.append(f"{what}: colour jitter assumes {assumes}; --color-jitter {color_jitter} left out")
+    return replaced
+
+
+# RandAugment's geometric operations at magnitude m (timm's ranges, m of 10): rotate 30 m/10 degrees, shear
+# 0.3 m/10, translate 0.45 m/10 of the size ('rand' policies' translate_pct). timm's ops are PIL operations (RGB);
+# RandomAffine does the three at once on tensors of any channel count and bit depth. It applies as often as
+# RandAugment's two draws (each op applied with p 0.5) pick one of the 5 geometric ops among 15: 1 - (1 - 1/6)^2.
+GEOMETRIC_P = 1 - (1 - 0.5 * 5 / 15) ** 2
+DEFAULT_MAGNITUDE = 9  # for policies without an -mN part (AutoAugment's 'original', 'v0')
+
+
+def geometric_part(aa: str) -> transforms.RandomApply:
+    """The channel-agnostic stand-in for auto-augment policy `aa` (see GEOMETRIC_P)."""
+    found = re.search(r"-m(\d+(?:\.\d+)?)", aa)
+    m = min(float(found.group(1)) if found else DEFAULT_MAGNITUDE, 10) / 10
+    shear = round(math.degrees(math.atan(0.3 * m)), 1)
+    return transforms.RandomApply([transforms.RandomAffine(degrees=round(30 * m, 2), translate=(0.45 * m, 0.45 * m),
+                                                           shear=(-shear, shear, -shear, shear),
+                                                           interpolation=transforms.InterpolationMode.BILINEAR)],
+                                  p=GEOMETRIC_P)
 
 
 class RGBOrTensor(transforms.Compose):
@@ -105,6 +137,7 @@ def train_transform(input_size, aa: Optional[str], reprob: float, in_chans: int 
         AsTensor(),
         transforms.RandomResizedCrop(tuple(input_size), interpolation=BICUBIC, antialias=True),
         transforms.RandomHorizontalFlip(),
+    ] + ([geometric_part(aa)] if aa not in (None, "", "none") else []) + [
         ToFloat(),
         transforms.Normalize(mean, std),
     ] + ([RandomErasing(reprob, mode="pixel", max_count=1, device="cpu")] if reprob > 0 else []))

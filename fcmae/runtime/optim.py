@@ -41,7 +41,9 @@ def cosine_schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs:
     `lr_scale` applied, as layer decay needs)."""
     total = epochs * steps_per_epoch
     warmup = min(int(warmup_epochs * steps_per_epoch), total - 1)
-    return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr, warmup_t=warmup,
+    # at least 2 cosine steps: timm warns on every run whose cosine part is 1 step (e.g. --epochs 1 under a longer
+    # warm-up), and the steps taken (before `total`) get the same lr from 2 as from 1
+    return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 2), lr_min=min_lr, warmup_t=warmup,
                              warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
 

@@ -1,23 +1,53 @@
 """Command-line and YAML options, each declared once with its type and valid range.
 
-`add(group, "--lr", Float(min=0, open_min=True), ...)`: the kind (Int, Float, Str, Bool, Path) converts a
+`add(group, "--lr", Float(min=0, open_min=True), ...)`: the kind (Int, Float, Str, Bool, Device) converts a
 command-line string and checks a value from any source against its range. Values set by `-c FILE.yaml` skip
 argparse's conversion, so after parsing every option's final value is checked again by its kind (`check_all`):
-`model: 123`, `batch_size: 1.5`, `mask_ratio: [0.5]`, `epochs: null` or `--lr nan` all end as one `error:` line
-naming the option and its valid range, exit code 2, before anything is written.
+`model: 123`, `batch_size: 1.5`, `mask_ratio: [0.5]`, `epochs: null`, `overwrite: 'false'` or `--lr nan` all end
+as one `error:` line naming the option and its valid range, exit code 2, before anything is written. A config
+file is read defensively (`read_config`): a recipe name or a path; no folders, FIFOs, binary or non-UTF-8 files,
+duplicate, non-string or nested `config` keys; values are shown bounded (`shown`), so an anchor bomb is refused
+in milliseconds.
 
-Each option has a dash name; the reference code's underscore spelling is an alias. The option groups both
-training CLIs share (optimisation, run, data loading) are declared here once.
+Each option has a dash name; the reference code's underscore spelling is an alias that parses but is not listed
+by --help. The option groups both training CLIs share (optimisation, run, data loading) are declared here once.
+This module imports neither torch nor timm: `--help` answers before they load (`answer_help`).
 """
 import argparse
 import math
+import os
 import re
-from typing import Any, Optional, Sequence
+import reprlib
+import sys
+from typing import Any, Callable, Optional, Sequence
 
-import torch
 import yaml
 
 from .errors import UsageError
+
+INT64_MAX = 2 ** 63 - 1  # integers end in torch and C code: a larger one overflows there, not here
+MAX_STRING = 4096  # PATH_MAX: no option value (a path, a name, a policy) is longer
+
+
+def shown(value) -> str:
+    """A value for an error message, bounded: at most SHOWN_CHARS characters whatever its size (a YAML anchor bomb
+    expands to billions of elements, an integer can have thousands of digits); reprlib stops early, so it is fast."""
+    try:
+        text = _SHOWN.repr(value)
+    except ValueError:  # repr(int) refuses more than sys.get_int_max_str_digits() digits
+        return f"an integer of {value.bit_length()} bits"
+    return clipped(text)
+
+
+def clipped(text: str) -> str:
+    """A message part (not a value) bounded as `shown` bounds values."""
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
+SHOWN_CHARS = 200
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict = 2, 6, 6, 6
+_SHOWN.maxstring, _SHOWN.maxlong, _SHOWN.maxother = 80, 40, 80
 
 
 class Kind:
@@ -51,6 +81,14 @@ class Kind:
     def valid(self, value):
         return value
 
+    def unset(self):
+        """The value of an option left unset (None where None is its default)."""
+        return None
+
+
+def _bound(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
 
 class _Number(Kind):
     def __init__(self, min=None, max=None, open_min=False, open_max=False, optional=False):
@@ -58,8 +96,8 @@ class _Number(Kind):
         self.min, self.max, self.open_min, self.open_max = min, max, open_min, open_max
 
     def describe(self) -> str:
-        lo = "" if self.min is None else f"{'>' if self.open_min else '>='} {self.min:g}"
-        hi = "" if self.max is None else f"{'<' if self.open_max else '<='} {self.max:g}"
+        lo = "" if self.min is None else f"{'>' if self.open_min else '>='} {_bound(self.min)}"
+        hi = "" if self.max is None else f"{'<' if self.open_max else '<='} {_bound(self.max)}"
         bounds = " and ".join(b for b in (lo, hi) if b)
         return f"{'a finite ' if self.py_type is float else 'an '}{self.name}" + (f" {bounds}" if bounds else "")
 
@@ -68,6 +106,10 @@ class _Number(Kind):
             return self.py_type(text)
         except ValueError:
             raise ValueError(self.describe()) from None
+
+    def check(self, value):
+        # a string is read as the command line reads it: YAML takes `1e-3` (no dot) for a string, not a number
+        return super().check(self.parse(value) if isinstance(value, str) else value)
 
     def valid(self, value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -82,6 +124,11 @@ class _Number(Kind):
 class Int(_Number):
     name, py_type = "integer", int
 
+    def valid(self, value):
+        if abs(value) > INT64_MAX:
+            raise ValueError(f"{self.describe()} of at most 64 bits")
+        return super().valid(value)
+
 
 class Float(_Number):
     name, py_type = "number", float
@@ -90,7 +137,11 @@ class Float(_Number):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     def valid(self, value):
-        return super().valid(float(value))
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float's range
+            raise ValueError(self.describe()) from None
+        return super().valid(value)
 
 
 class Str(Kind):
@@ -106,10 +157,14 @@ class Str(Kind):
     def valid(self, value):
         if (self.choices and value not in self.choices) or (self.nonempty and not value):
             raise ValueError(self.describe())
+        if len(value) > MAX_STRING:
+            raise ValueError(f"a string of at most {MAX_STRING} characters")
         return value
 
 
 class Bool(Kind):
+    """true or false; a flag's YAML value must be a YAML boolean ('false' in quotes is a string, and true)."""
+
     name, py_type = "boolean", bool
 
     def describe(self) -> str:
@@ -125,12 +180,20 @@ class Unavailable(ValueError):
 
 
 class Device(Str):
-    """cpu, cuda or cuda:N (present on this machine)."""
+    """cpu, cuda or cuda:N (present on this machine); unset (None): cuda where there is a GPU, else cpu. torch is
+    imported only when a value is checked, after parsing (--help does not wait for it)."""
 
     def describe(self) -> str:
         return "cpu, cuda or cuda:N"
 
+    def unset(self):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     def valid(self, value):
+        import torch
+
         kind, _, index = value.partition(":")
         if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
             raise ValueError(self.describe())
@@ -142,22 +205,35 @@ class Device(Str):
         return value
 
 
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda where there is a GPU, else cpu)"
+
+
 def add(target, *names, kind: Optional[Kind] = None, **kwargs):
-    """An option of `kind`; `--some-name` also answers to `--some_name`. Boolean options (`kind=Bool()`) get
-    `--name/--no-name` unless given an explicit store_true action."""
+    """An option of `kind`; `--some-name` also answers to `--some_name` (not listed by --help). Boolean options
+    (`kind=Bool()`) get `--name/--no-name` unless given an explicit store_true action; a store_true flag is a
+    Bool too, so a YAML value for it is checked like any other. A Str with choices shows them as its metavar."""
     names = list(names)
     for name in list(names):
         if name.startswith("--") and "-" in name[2:]:
             names.append("--" + name[2:].replace("-", "_"))
+    if kind is None and kwargs.get("action") in ("store_true", "store_false"):
+        kind = Bool()
     if isinstance(kind, Bool) and "action" not in kwargs:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif kind is not None and "action" not in kwargs:
         kwargs["type"] = _argparse_type(kind)
+    if "metavar" not in kwargs and kwargs.get("action") is None:
+        if isinstance(kind, Str) and kind.choices:
+            kwargs["metavar"] = "{" + ",".join(kind.choices) + "}"
+        elif isinstance(kind, _Number):
+            kwargs["metavar"] = "N" if isinstance(kind, Int) else "X"
+    if kind is not None and not kwargs.get("help"):  # argparse lists an option without help bare: say its range
+        kwargs["help"] = kind.describe()
     action = target.add_argument(*names, **kwargs)
     action.kind = kind
     # None counts as "unset" only where the option itself defaults to None: a stage's set_defaults or a -c file
     # can replace the parser default, and `epochs: null` in a YAML file must still be refused
-    action.declared_default = kwargs.get("default")
+    action.declared_default = action.default
     return action
 
 
@@ -166,9 +242,9 @@ def _argparse_type(kind: Kind):
         try:
             return kind.convert(text)
         except Unavailable as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+            raise argparse.ArgumentTypeError(f"{shown(text)}: {e}") from None
         except ValueError as e:  # argparse words it "argument --x: invalid <name> value: 'y'"; ours says the range
-            raise argparse.ArgumentTypeError(f"{text!r} is not {e}") from None
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not {e}") from None
 
     convert.__name__ = kind.name
     return convert
@@ -179,13 +255,116 @@ def _argparse_type(kind: Kind):
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
+def package_version() -> str:
+    """The installed distribution's version, else the one this checkout declares (fcmae.__version__)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("fcmae")
+    except metadata.PackageNotFoundError:
+        import fcmae
+
+        return fcmae.__version__
+
+
+class _Version(argparse.Action):
+    """--version: the version is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as users read it: a one-line usage (positionals, required options, then [options]), each option
+    once under its dash spellings (the underscore aliases still parse), its default and choices shown, and the
+    description and examples as written."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=_terminal_width())
+
+    def _format_usage(self, usage, actions, groups, prefix):
+        if usage is None:
+            parts = [self._prog]
+            for a in actions:
+                if not a.option_strings:
+                    parts.append(self._format_args(a, self._get_default_metavar_for_positional(a)))
+                elif a.required:
+                    parts.append(f"{a.option_strings[0]} {self._format_args(a, a.dest.upper())}")
+            usage = " ".join(parts + ["[options]"])
+        return f"{'usage: ' if prefix is None else prefix}{usage}\n\n"
+
+    def _get_default_metavar_for_positional(self, action):
+        return action.dest.upper()
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        listed = argparse.Action(option_strings=[s for s in action.option_strings if "_" not in s.lstrip("-")],
+                                 dest=action.dest, nargs=action.nargs, metavar=action.metavar)
+        return super()._format_action_invocation(listed)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text or not action.option_strings or default is None
+                or default is False or default is argparse.SUPPRESS or isinstance(action, _Version)):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})".lstrip()
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return min(110, shutil.get_terminal_size((100, 24)).columns)
+
+
 class ArgParser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
+    """One `error:` line instead of a usage dump, --help as users read it (HelpFormatter), --version, and
+    negative numbers taken as values. `recipes`: the stage whose named recipes `-c NAME` finds (find_config)."""
+
+    def __init__(self, *args, recipes: Optional[str] = None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = NEGATIVE_NUMBER
+        self.recipes = recipes
+        self.add_argument("--version", action=_Version, help="print the version and exit")
 
     def error(self, message):
         raise UsageError(f"{message} (see --help)")  # one line, no usage dump
+
+
+def answer_help(build_parser: Callable[[], argparse.ArgumentParser], argv=None):
+    """--help / --version answered from the light options module, before a stage imports torch and timm
+    (seconds): a stage's `python -m` entry calls this first. With `-c RECIPE` the help shows the recipe's
+    defaults; a config that cannot be read, and anything else, return for the real parse (which reports it)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    asked = argv[:argv.index("--")] if "--" in argv else argv
+    if not any(a in ("-h", "--help", "--version") for a in asked):
+        return
+    parser = build_parser()
+    if "--version" in asked and not {"-h", "--help"} & set(asked):
+        parser.parse_args(["--version"])  # prints and exits
+    config = _config_argument(asked)
+    if config:
+        try:
+            parser.set_defaults(**read_config(parser, config))
+        except UsageError:
+            return
+    parser.print_help()
+    parser.exit()
+
+
+def _config_argument(argv) -> Optional[str]:
+    """The -c/--config value of argv (parse_with_config reads it before the other options)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config", default=None)
+    return pre.parse_known_args(argv)[0].config
 
 
 def option_name(action) -> str:
@@ -200,7 +379,8 @@ def check_all(parser: argparse.ArgumentParser, args: argparse.Namespace):
             continue
         value = getattr(args, action.dest)
         if value is None and getattr(action, "declared_default", action.default) is None:
-            continue  # unset, where unset is the default (e.g. --lr: use --blr)
+            setattr(args, action.dest, kind.unset())  # unset, where unset is the default (e.g. --lr: use --blr)
+            continue
         try:
             if action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 0):
                 count = action.nargs if isinstance(action.nargs, int) else None
@@ -210,40 +390,150 @@ def check_all(parser: argparse.ArgumentParser, args: argparse.Namespace):
             else:
                 value = kind.check(value)
         except Unavailable as e:
-            raise UsageError(f"{option_name(action)} {value}: {e}") from None
+            raise UsageError(f"{option_name(action)} {shown(value)}: {e}") from None
         except ValueError as e:
-            shown = value if not isinstance(value, str) else repr(value)
-            raise UsageError(f"{option_name(action)} must be {e}, got {shown}") from None
+            raise UsageError(f"{option_name(action)} must be {e}, got {shown(value)}") from None
         setattr(args, action.dest, value)
 
 
+def typed_options(parser: argparse.ArgumentParser, argv=None) -> frozenset:
+    """The dests given on the command line itself (not defaults, not a -c config): what the user typed is
+    refused when it cannot apply, a default or recipe value is replaced by what can (e.g. RandAugment for
+    4 channels). Found by parsing argv again with every default suppressed, so abbreviations and `--x=v` count."""
+    saved = [(a, a.default) for a in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        given = parser.parse_known_args(argv, argparse.Namespace())[0]
+    finally:
+        for a, default in saved:
+            a.default = default
+        parser._defaults.update(saved_defaults)
+    return frozenset(vars(given))
+
+
 def parse_with_config(parser: ArgParser, argv=None) -> argparse.Namespace:
-    """Parser defaults < `-c FILE.yaml` < command line, then every value checked (`check_all`)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("-c", "--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**read_config(parser, known.config))
+    """Parser defaults < `-c RECIPE_OR_FILE.yaml` < command line, then every value checked (`check_all`).
+    `args.typed`: the options given on the command line (`typed_options`); not an option, never saved (`plain`)."""
+    config = _config_argument(argv)
+    if config:
+        parser.set_defaults(**read_config(parser, config))
     args = parser.parse_args(argv)
     check_all(parser, args)
+    args.typed = typed_options(parser, argv)
     return args
 
 
-def read_config(parser: argparse.ArgumentParser, path: str) -> dict:
+# --------------------------------------------------------------------------------------------------
+# -c: a recipe by name or a YAML file, read defensively
+
+MAX_CONFIG_BYTES = 1 << 18  # a config is a page of options (the recipes are under 2 KiB); more is not one
+# libyaml's parser where PyYAML was built with it: 3x faster, and it limits the nesting depth itself
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def recipe_dirs(stage: str) -> list:
+    """Where `-c NAME` looks for NAME.yaml: the checkout's configs/<stage>/ (the `configs` folder next to the
+    fcmae package) and the installed package data fcmae/configs/<stage>/."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../fcmae
+    return [os.path.join(os.path.dirname(package), "configs", stage), os.path.join(package, "configs", stage)]
+
+
+def recipe_names(stage: str) -> list:
+    names = set()
+    for folder in recipe_dirs(stage):
+        if os.path.isdir(folder):
+            names.update(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+    return sorted(names)
+
+
+def find_config(name: str, stage: Optional[str]) -> str:
+    """The file `-c NAME` means: an existing path as given, else (for a stage) its recipe NAME or NAME.yaml;
+    UsageError listing the recipes when there is neither."""
+    if os.path.exists(name) or not stage:
+        return name
+    recipe = name[:-5] if name.endswith(".yaml") else name
+    if os.sep not in recipe:
+        for folder in recipe_dirs(stage):
+            path = os.path.join(folder, recipe + ".yaml")
+            if os.path.isfile(path):
+                return path
+    raise UsageError(f"config {shown(name)}: no such file, and no {stage} recipe of that name; recipes: "
+                     f"{', '.join(recipe_names(stage)) or 'none found'}")
+
+
+def config_text(path: str) -> str:
+    """The file's text: a regular file (a FIFO would wait for a writer forever), at most MAX_CONFIG_BYTES, not
+    binary, UTF-8."""
     try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        info = os.stat(path)
+        if os.path.isdir(path):
+            raise UsageError(f"config {path} is a folder, not a YAML file")
+        if not os.path.isfile(path):
+            raise UsageError(f"config {path} is not a regular file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise UsageError(f"config {path} is {info.st_size} bytes: an options file is a few hundred")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise UsageError(f"cannot read config {path}: {e.strerror}") from None
+    if b"\0" in data:
+        raise UsageError(f"config {path} is binary, not YAML text")
+    try:
+        return data.decode("utf-8").lstrip("\ufeff")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "save it as UTF-8") from None
+
+
+def load_config(path: str, text: str) -> dict:
+    """The YAML mapping of `text`: its keys plain option names, each once (yaml.safe_load would keep the last of
+    two silently)."""
+    loader = YAML_LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise UsageError(f"config {path} is empty: write option: value lines")
+        if not isinstance(node, yaml.MappingNode):
+            raise UsageError(f"config {path} must be a mapping of option: value")
+        seen = set()
+        for key, _ in node.value:
+            if not (isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:str"):
+                raise UsageError(f"config {path}: key {shown(getattr(key, 'value', key))} is not an option name")
+            dest = key.value.replace("-", "_")
+            if dest in seen:
+                raise UsageError(f"config {path} sets {shown(dest)} twice (line {key.start_mark.line + 1})")
+            seen.add(dest)
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise UsageError(f"config {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"config {path} must be a mapping of option: value")
-    dests = {a.dest for a in parser._actions}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - dests)
+        raise UsageError(f"config {path} is not valid YAML: {clipped(' '.join(str(e).split()))}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"config {path} is not valid YAML: {clipped(str(e))}") from None
+    except RecursionError:
+        raise UsageError(f"config {path} is nested too deeply to be options") from None
+    finally:
+        loader.dispose()
+
+
+def read_config(parser: argparse.ArgumentParser, name: str) -> dict:
+    """`-c NAME`'s option values by dest: only options (no `config`, `help` or positional keys); their values are
+    checked after parsing with the command line's (check_all)."""
+    path = find_config(name, getattr(parser, "recipes", None))
+    values = {k.replace("-", "_"): v for k, v in load_config(path, config_text(path)).items()}
+    if values.get("config") is not None:  # `config: null` (config.yaml of older runs) names nothing
+        raise UsageError(f"config {path} has a config: key; a config cannot name another one (delete that line: "
+                         "the values it would bring belong in this file)")
+    values.pop("config", None)
+    options = {a.dest for a in parser._actions if getattr(a, "kind", None) is not None}
+    unknown = sorted(set(values) - options)
     if unknown:
-        raise UsageError(f"config {path} has unknown keys: {', '.join(unknown)}")
+        listed = ", ".join(shown(k)[1:-1] for k in unknown[:10])
+        raise UsageError(f"config {path} has unknown keys: {listed}"
+                         + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     return values
 
 
@@ -253,19 +543,30 @@ def input_size(values) -> tuple:
     if len(values) == 1:
         values = values * 2
     if len(values) != 2:
-        raise UsageError(f"--input-size takes one (square) or two (height width) numbers, got {values}")
+        raise UsageError(f"--input-size takes one (square) or two (height width) numbers, got {shown(values)}")
     return tuple(values)
 
 
 def plain(args: argparse.Namespace) -> dict:
-    """The options as plain YAML/JSON values (tuples as lists), as written to config.yaml and checkpoints."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()}
+    """The options as plain YAML/JSON values (tuples as lists), as written to config.yaml and checkpoints (without
+    `config` and `typed`, which say how they were given, not what they are: a run's config.yaml holds the values
+    its -c recipe gave, and is itself a valid -c file)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k not in ("config", "typed")}
 
 
 # --------------------------------------------------------------------------------------------------
 # Option groups shared by the pretraining and fine-tuning CLIs (stage-specific defaults via set_defaults)
 
 POSITIVE = dict(min=1)
+
+
+def add_config_option(p: ArgParser):
+    """-c: a recipe of the parser's stage by name, or a YAML file (find_config)."""
+    names = recipe_names(p.recipes) if p.recipes else []
+    add(p, "-c", "--config", default=None, metavar="RECIPE",
+        help="option defaults from a YAML file or a recipe by name"
+             + (f" (configs/{p.recipes}/NAME.yaml): {', '.join(names)}" if names else "")
+             + "; the command line wins over it")
 
 
 def add_model_input_options(g):
@@ -276,8 +577,8 @@ def add_model_input_options(g):
 
 
 def add_optimisation_options(g):
-    add(g, "--batch-size", kind=Int(**POSITIVE), default=64, help="images per process per micro-batch")
-    add(g, "--accum-iter", kind=Int(**POSITIVE), default=1, help="micro-batches per optimiser step")
+    add(g, "-b", "--batch-size", kind=Int(**POSITIVE), default=64, help="images per process per micro-batch")
+    add(g, "--accum-iter", "--grad-accum-steps", kind=Int(**POSITIVE), default=1, help="micro-batches per optimiser step")
     add(g, "--epochs", kind=Int(**POSITIVE), default=1)
     add(g, "--max-steps", kind=Int(optional=True, **POSITIVE), default=None,
         help="stop after this many optimiser steps (smoke runs)")
@@ -303,7 +604,8 @@ def add_optimisation_options(g):
 
 
 def add_data_loading_options(g):
-    add(g, "--num-workers", kind=Int(min=0), default=2, help="DataLoader worker processes per training process")
+    add(g, "-j", "--num-workers", "--workers", kind=Int(min=0), default=2,
+        help="DataLoader worker processes per training process")
     add(g, "--bad-image", kind=Str(["skip", "error"]), default="skip",
         help="an unreadable image file: 'skip' it (replaced by the next file that loads, logged once) or 'error' "
              "(stop at the first)")
@@ -324,7 +626,7 @@ RUN_ONLY = frozenset({"config", "resume", "overwrite", "output_dir", "max_steps"
 
 
 def add_run_options(g, output_dir: str):
-    add(g, "--output-dir", kind=Str(), default=output_dir)
+    add(g, "--output-dir", "--output", kind=Str(), default=output_dir, help="checkpoints, logs and pictures")
     add(g, "--resume", kind=Str(), default="auto",
         help="'auto' (newest loadable checkpoint in --output-dir), a checkpoint path, or 'none'")
     add(g, "--overwrite", action="store_true",
@@ -333,5 +635,5 @@ def add_run_options(g, output_dir: str):
         help="also checkpoint every N steps (mid-epoch)")
     add(g, "--keep-checkpoints", kind=Int(**POSITIVE), default=2, help="how many step checkpoints to keep")
     add(g, "--log-every", kind=Int(**POSITIVE), default=20, help="progress line every N steps")
-    add(g, "--device", kind=Device(), default="cuda" if torch.cuda.is_available() else "cpu")
+    add(g, "--device", kind=Device(), default=None, help=DEVICE_HELP)
     add(g, "--seed", kind=Int(min=0), default=0)

@@ -11,7 +11,6 @@ channels (timm's rule for the stem; see models.convert.adapt_in_chans for the de
 checkpoint already has C channels. An existing OUTPUT is refused unless `--overwrite` is given (checked
 before the input is read). A bad input prints `error: <one line>` to stderr and exits with status 2.
 """
-import argparse
 import json
 import os
 import sys
@@ -45,8 +44,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 
 
 def build_parser() -> ArgParser:
-    p = ArgParser(prog="fcmae-convert", description=__doc__.split("\n\n")[0], epilog=TARGET_HELP,
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="fcmae-convert", description=__doc__.split("\n\n")[0], epilog=TARGET_HELP)
     p.add_argument("input", help="checkpoint file (.pth/.pt/.safetensors) or Hugging Face directory")
     p.add_argument("output", help="output file (a directory for --to hf)")
     add(p, "--to", kind=Str(list(TARGETS)), required=True, help="target layout: " + ", ".join(TARGETS))

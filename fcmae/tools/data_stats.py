@@ -29,10 +29,12 @@ from fcmae.data.folders import ImageFiles
 from fcmae.data.normalization import EIGHT_BIT
 from fcmae.data.transforms import AsTensor
 from fcmae.runtime.cli import check_writable_dir, run_cli
-from fcmae.runtime.errors import UsageError
+from fcmae.runtime.errors import DataError, UsageError
 from fcmae.runtime.logs import setup_logging
 from fcmae.runtime.options import ArgParser, Float, Int, Str, add, parse_with_config
 
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest std normalisation can divide by
+RELATIVE_SPREAD = 1e-6  # a std below this fraction of the mean is no spread (float32 images resolve about 6e-8)
 log = logging.getLogger("fcmae")
 PROGRESS_EVERY_S = 5.0
 CHUNK_PIXELS = 2 ** 22  # pixels per float64 pass over a large image: 32 MB per channel
@@ -121,6 +123,17 @@ def channel_stats(folder: str, in_chans: int, max_images: Optional[int] = None, 
             "images": len(files) - skipped, "skipped": skipped, "kind": files.kind}
 
 
+def check_spread(folder: str, mean, std) -> None:
+    """DataError for channels with no spread (constant images): their std is 0, or the float64 rounding noise of
+    the sums (about 1e-17 of the mean), which no normalisation can divide by; so no YAML is printed or written."""
+    flat = [c for c, (m, s) in enumerate(zip(mean, std)) if not s >= max(FLOAT32_TINY, RELATIVE_SPREAD * abs(m))]
+    if flat:
+        raise DataError(f"{folder}: channel{'s' * (len(flat) > 1)} {', '.join(map(str, flat))} of --in-chans "
+                        f"{len(std)} {'have' if len(flat) > 1 else 'has'} the same value in every pixel of every image "
+                        "read (std 0): no normalisation can divide by it, so no statistics were written; check the "
+                        "images (or --in-chans)")
+
+
 def to_yaml(stats: dict) -> str:
     """The YAML the CLIs' `-c` reads (in-chans, mean, std), after a comment line on where the numbers come from."""
     units = "scaled to 0..1" if stats["kind"] == EIGHT_BIT else "in their own units"
@@ -136,7 +149,8 @@ def build_parser() -> ArgParser:
     add(p, "--out", kind=Str(optional=True), default=None, help="also write the YAML here")
     add(p, "--max-images", kind=Int(min=1), default=None, help="a seeded random sample of N files (default: all)")
     add(p, "--seed", kind=Int(min=0), default=0, help="picks the --max-images sample")
-    add(p, "--num-workers", kind=Int(min=0), default=2, help="decoding processes (0: the main process)")
+    add(p, "-j", "--num-workers", "--workers", kind=Int(min=0), default=2,
+        help="decoding processes (0: the main process)")
     add(p, "--bad-image", kind=Str(["skip", "error"]), default="skip",
         help="an unreadable file: 'skip' it (counted) or 'error' (stop at the first)")
     add(p, "--max-bad-fraction", kind=Float(min=0, max=1), default=0.01, metavar="F",
@@ -156,6 +170,7 @@ def run(argv=None) -> dict:
     setup_logging()
     stats = channel_stats(args.folder, args.in_chans, args.max_images, args.num_workers, args.bad_image,
                           args.max_bad_fraction, args.seed)
+    check_spread(args.folder, stats["mean"], stats["std"])
     text = to_yaml(stats)
     print(text, end="")
     if args.out:

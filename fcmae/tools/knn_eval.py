@@ -20,7 +20,7 @@ from fcmae.data.labelled import build_datasets
 from fcmae.pretrain.knn import knn_evaluate, pooled_features
 from fcmae.runtime.cli import check_output_file, exit_with
 from fcmae.runtime.errors import UsageError
-from fcmae.runtime.options import ArgParser, Device, Float, Int, Str, add, parse_with_config
+from fcmae.runtime.options import DEVICE_HELP, ArgParser, Device, Float, Int, Str, add, parse_with_config
 from fcmae.runtime.options import input_size as parse_input_size
 from fcmae.runtime.weights import timm_encoder
 
@@ -55,7 +55,7 @@ def build_parser() -> ArgParser:
     add(p, "--ema", action="store_true", help="use a fine-tuning checkpoint's model_ema weights")
     add(p, "--dataset", kind=Str(["fashion-mnist"]), default="fashion-mnist",
         help="built-in dataset (train split as neighbours, test split evaluated), used without --data-path")
-    add(p, "--data-path", kind=Str(optional=True), default=None,
+    add(p, "--data-path", "--data-dir", kind=Str(optional=True), default=None, metavar="PATH",
         help="folder with train/<class>/* and val/<class>/* images")
     add(p, "--input-size", kind=Int(min=32), nargs="+", default=[32], help="32 (square) or 'H W'")
     add(p, "--mean", kind=Float(), nargs="+", default=None, help="per-channel mean (default: by channel count)")
@@ -66,9 +66,9 @@ def build_parser() -> ArgParser:
     add(p, "--label-fraction", kind=Float(min=0, max=1, open_min=True), default=None,
         help="... or from that fraction of the training images")
     add(p, "--val-subset", kind=Int(min=1), default=None, help="evaluate a seeded, class-stratified subset of N")
-    add(p, "--batch-size", kind=Int(min=1), default=256, help="images per feature-extraction batch")
-    add(p, "--num-workers", kind=Int(min=0), default=2)
-    add(p, "--device", kind=Device(), default="cuda" if torch.cuda.is_available() else "cpu")
+    add(p, "-b", "--batch-size", kind=Int(min=1), default=256, help="images per feature-extraction batch")
+    add(p, "-j", "--num-workers", "--workers", kind=Int(min=0), default=2, help="DataLoader worker processes")
+    add(p, "--device", kind=Device(), default=None, help=DEVICE_HELP)
     add(p, "--seed", kind=Int(min=0), default=0, help="picks the subsets")
     add(p, "--json", kind=Str(optional=True), default=None, help="also write the result to this JSON file")
     return p

@@ -123,7 +123,7 @@ def build_parser() -> ArgParser:
     add(p, "--out", kind=Str(), required=True, help="PNG file to write")
     add(p, "--dataset", kind=Str(["fashion-mnist"]), default="fashion-mnist",
         help="built-in dataset (its test split), used when --data-path is not given")
-    add(p, "--data-path", kind=Str(optional=True), default=None,
+    add(p, "--data-path", "--data-dir", kind=Str(optional=True), default=None, metavar="PATH",
         help="folder of images (flat or in class subfolders) or tar shards")
     add(p, "--num", kind=Int(min=1), default=8, help="images (rows)")
     add(p, "--input-size", kind=Int(min=32), nargs="+", default=None,

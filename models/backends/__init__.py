@@ -5,8 +5,18 @@ then builds its indices with static shapes and no host synchronisation (see spar
 
 All read the encoder's timm-named parameters, so weights never move or get renamed when the backend changes.
 """
-from .dense import DenseBackend
-from .sparse import SparseBackend
+
+
+def _sparse():  # each backend is imported when made: this registry is light (--help lists its names)
+    from .sparse import SparseBackend
+
+    return SparseBackend
+
+
+def _dense():
+    from .dense import DenseBackend
+
+    return DenseBackend
 
 
 def _minkowski():
@@ -21,7 +31,7 @@ def _naive():
     return NaiveBackend
 
 
-BACKENDS = {"sparse": lambda: SparseBackend, "dense": lambda: DenseBackend, "minkowski": _minkowski, "naive": _naive}
+BACKENDS = {"sparse": _sparse, "dense": _dense, "minkowski": _minkowski, "naive": _naive}
 
 
 def make_backend(name: str):
