@@ -1,4 +1,4 @@
-"""Image folders with bad and unusual files (fcmae/images.py): every convertible kind decodes to the expected RGB
+"""Image folders with bad and unusual files (fcmae/data/decode.py, fcmae/data/bad_samples.py): every convertible kind decodes to the expected RGB
 pixels, every unreadable kind is skipped for the next index that loads and reported once, and both CLIs stop with
 one line (exit code 2, no checkpoint after the failure) past --max-bad-fraction or at the first with --bad-image
 error, also when the files are read by DataLoader worker processes."""

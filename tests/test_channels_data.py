@@ -1,4 +1,4 @@
-"""Data that is not 8-bit RGB (fcmae/images.py, fcmae/data.py, finetune/data.py, fcmae/tools/data_stats.py): multi-band
+"""Data that is not 8-bit RGB (fcmae/data/decode.py, fcmae/data/normalization.py, fcmae/data/transforms.py, fcmae/data/labelled.py, fcmae/tools/data_stats.py): multi-band
 16-bit TIFF tiles, 13-band .npy arrays, 16-bit grey PNG slices and float32 TIFFs decode to their exact values in
 float32 (no 8-bit step), wrong band counts and NaN pixels are bad files, the transforms keep C channels and the
 right dtype, 8-bit RGB normalised on the device is bit for bit the former pipeline, and data_stats agrees with

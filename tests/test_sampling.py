@@ -1,4 +1,4 @@
-"""fcmae/sampling.py: per-sample seeding that is a function of (seed, epoch, index) and leaves the caller's RNGs
+"""fcmae/data/sampling.py: per-sample seeding that is a function of (seed, epoch, index) and leaves the caller's RNGs
 alone (CUDA's included), and one persistent DataLoader serving every epoch and mid-epoch resumes exactly as fresh
 loaders would."""
 import random

@@ -1,4 +1,4 @@
-"""WebDataset tar shards (fcmae/shards.py, fcmae/tools/make_shards.py): shards of a folder read back as the folder does
+"""WebDataset tar shards (fcmae/data/shards.py, fcmae/tools/make_shards.py): shards of a folder read back as the folder does
 (images, labels, seeded order), bad members skipped and named by shard and key, the index cache reused and
 rebuilt, brace patterns, and the tool's errors."""
 import io

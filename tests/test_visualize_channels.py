@@ -1,4 +1,4 @@
-"""Reconstruction grids for any number of channels (fcmae.visualize): RGB, chosen bands, one grey panel per band."""
+"""Reconstruction grids for any number of channels (fcmae.pretrain.visualize): RGB, chosen bands, one grey panel per band."""
 import pytest
 import torch
 

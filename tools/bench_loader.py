@@ -5,10 +5,10 @@
         [--json PATH] [--profile N]
     python -m tools.bench_loader --make-jpegs DIR --count N --size WxH [--classes 10] [--seed 0]
 
-"ours": the loader the pretraining loop uses: the dataset of --data (image folder or tar shards, fcmae.shards.
-open_dataset) with fcmae.data.pretrain_transform, masks (MaskedImages), per-sample seeding (SeededDataset, torch's
-CPU generator only), EpochSampler and the one persistent DataLoader of fcmae.sampling.make_loader, its uint8 batches
-normalised by fcmae.data.normalize on --device. With --device cpu also "ours_loader": the same without that
+"ours": the loader the pretraining loop uses: the dataset of --data (image folder or tar shards, fcmae.data.shards.
+open_dataset) with fcmae.data.transforms.pretrain_transform, masks (MaskedImages), per-sample seeding (SeededDataset, torch's
+CPU generator only), EpochSampler and the one persistent DataLoader of fcmae.data.sampling.make_loader, its uint8 batches
+normalised by fcmae.data.normalization.normalize on --device. With --device cpu also "ours_loader": the same without that
 normalisation, which a GPU run does on the GPU (what the loader alone delivers; on a CPU the normalisation takes
 main-process CPU time that a GPU run does not spend). "baseline": the reference recipe's: torchvision ImageFolder +
 RandomResizedCrop(scale 0.2-1, bicubic) + flip + ToTensor + Normalize, a shuffling DataLoader with the same workers

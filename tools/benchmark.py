@@ -1,7 +1,7 @@
 """Benchmark FCMAE pretraining steps per encoder backend against timm's plain supervised step.
 
     python -m tools.benchmark                   # the target configuration: atto, 224x224, batch 32, mask 0.6
-    python -m tools.benchmark --scaling         # the README scaling table (sparse vs dense), as markdown
+    python -m tools.benchmark --scaling         # the scaling table of docs/results.md (sparse vs dense), as markdown
     python -m tools.benchmark --variants atto tiny --input-sizes 128 192x256 --batch-sizes 8 --json out.json
     python -m tools.benchmark --amp none bf16    # every candidate in float32 and under bf16 autocast
     python -m tools.benchmark --compile          # adds the compiled sparse step (sparse+compile)
@@ -9,12 +9,12 @@
     python -m tools.benchmark --data FOLDER_OR_SHARDS   # the input pipeline instead (tools/bench_loader.py)
 
 Candidates, each one full optimiser step on a fixed synthetic batch (same seed, same images and masks):
-  sparse, dense, minkowski  FCMAE pretraining step (fcmae.engine.train_step, fused AdamW from fcmae.optim) per
+  sparse, dense, minkowski  FCMAE pretraining step (fcmae.runtime.step.train_step, fused AdamW from fcmae.runtime.optim) per
                             backend; minkowski only where MinkowskiEngine imports
   sparse+compile            the sparse step with the model compiled (--compile; the first, discarded round compiles)
   timm                      a bare supervised step of timm's dense model of the same variant: cross-entropy, AdamW
   finetune                  our fine-tuning step: the timm classifier wrapped as finetune does (WithLoss, layer-decay
-                            AdamW from finetune.layer_decay, fcmae.engine.train_step)
+                            AdamW from finetune.layer_decay, fcmae.runtime.step.train_step)
 With --amp, every candidate runs in every precision given (bf16; fp16 on CUDA only), named e.g. `sparse/bf16`.
 
 Timing: candidates are interleaved over rounds (the order rotates every round), so load drift on a shared machine

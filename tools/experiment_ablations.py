@@ -38,7 +38,7 @@ forward + backward took ~2.7x the sparse encoder's at 96 px, so ~2.2x for the wh
     pretraining + ~10 min. Wall times as measured are in the results. `--budget long --arm v2-fcmae scratch`
     repeats V2-FCMAE with 4 pretraining epochs, same evaluation (~30 min). `--budget full` pretrains 5 epochs with 2
     pretraining seeds, fine-tunes 30 epochs (~10 h); `--budget smoke` runs every stage in seconds (tests).
-    `--out docs/experiment` writes the results where the README shows them.
+    `--out docs/experiment/ablations` writes the results where docs/results.md links them.
 
 96 px gives a 3x3 mask grid, on which the ratios differ: each image keeps int(9 x (1 - ratio)) cells, i.e.
 0.4 -> 5 kept (44% masked), 0.6 -> 3 (67%), 0.75 -> 2 (78%); the table shows the effective fraction.

@@ -9,7 +9,7 @@ reader) gives one of:
   in_chans 4);
 - a float32 tensor (C, H, W) for deeper sources (16/32-bit integers, floats, signed 8-bit) in their native units:
   no 8-bit step. float32 holds integers exactly up to 2**24.
-An 8-bit source is meant to be scaled to 0..1 downstream (fcmae.data.normalize divides uint8 by 255), a deeper one
+An 8-bit source is meant to be scaled to 0..1 downstream (fcmae.data.normalization.normalize divides uint8 by 255), a deeper one
 is normalised in its own units with per-channel statistics (fcmae/tools/data_stats.py).
 
 Readers:

@@ -108,7 +108,7 @@ def build_datasets(*, data_path: Optional[str], input_size, in_chans: int = 3,
                    val_split: Optional[int] = None, typed: Optional[AbstractSet[str]] = None) -> Datasets:
     """Train and val sets with their transforms and the subsets asked for: `data_path` with train/<class>/* and
     val/<class>/*, or Fashion-MNIST (None). `input_size` (H, W); mean/std None: the defaults of
-    fcmae.data.resolve_mean_std (8-bit sources only: UsageError for high-bit-depth folders). With train=False the
+    fcmae.data.normalization.resolve_mean_std (8-bit sources only: UsageError for high-bit-depth folders). With train=False the
     train set is still read (it defines the classes) but not subsetted; with augment=False it gets the eval
     transform too (kNN evaluation reads features of both sets the same way). UsageError for colour options the
     images cannot take where typed (check_channel_options: `typed`, the options given on the command line; default

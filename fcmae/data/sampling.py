@@ -37,7 +37,7 @@ def _mix64(x: int) -> int:
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 64-bit seed for sample `index` of `epoch` of a run seeded with `seed` (distinct triples, distinct seeds
-    except for 64-bit collisions). Not the scheme before fcmae/sampling.py existed: the same run seed now draws other
+    except for 64-bit collisions). Not the scheme before fcmae/data/sampling.py existed: the same run seed now draws other
     crops and masks than runs (and checkpoints) made before it."""
     return _mix64(_mix64(_mix64(seed & MASK64) ^ (epoch & MASK64)) ^ (index & MASK64))
 
@@ -52,7 +52,7 @@ class SeededDataset(Dataset):
     `rngs`: the global generators the wrapped dataset's transform draws from, seeded per sample: "torch" (the CPU
     generator: torchvision transforms, masks), "random" (python's: timm's RandAugment, random erasing,
     RandomResizedCropAndInterpolation), "numpy" (numpy's legacy global: timm's RandAugment op choice).
-    Wrappers such as Subset keep `.dataset`, so fcmae.images finds the image files inside."""
+    Wrappers such as Subset keep `.dataset`, so fcmae.data.bad_samples finds the image files inside."""
 
     def __init__(self, dataset, seed: int, rngs: Sequence[str] = RNGS):
         unknown = set(rngs) - set(RNGS)

@@ -6,7 +6,7 @@
 
 Features: the encoder weights of any checkpoint the converter reads, in timm's dense ConvNeXt V2 (its input
 channels read from the checkpoint); the final-stage map averaged over H and W, L2-normalised; the maths in
-fcmae/knn.py (also behind the kNN monitor of pretraining). Data: Fashion-MNIST train/test, or --data-path with
+fcmae/pretrain/knn.py (also behind the kNN monitor of pretraining). Data: Fashion-MNIST train/test, or --data-path with
 train/ and val/ class folders, through fine-tuning's eval transform, with its seeded class-stratified subsets
 (--val-subset draws the same images as fine-tuning's). Bad input: one `error:` line, exit code 2.
 """

@@ -1,7 +1,7 @@
 """Reconstructions of an FCMAE pretraining checkpoint, as a PNG grid: one row per image, columns
 original | masked input | reconstruction (visible patches pasted back; with norm_pix_loss the prediction is
 mapped back with each patch's own mean and std). The same picture pretraining writes to TensorBoard
-(`fcmae.visualize.reconstruction_grid`).
+(`fcmae.pretrain.visualize.reconstruction_grid`).
 
     python -m fcmae.tools.visualize CKPT --out grid.png [--data-path DIR | --dataset fashion-mnist] [--num 8]
         [--input-size 224 | H W] [--mask-ratio 0.6] [--seed 0]
