@@ -194,7 +194,7 @@ def test_encoder_takes_masks_with_any_count_per_image(atto64, grn_stats):
 def test_report_measured_agreement():
     """Runs last in this module: the tests above measured every backend in both precisions (a skipped or renamed
     comparison would otherwise go unnoticed), each within its tolerance; the figures are printed (pytest -s) for
-    docs/using.md."""
+    docs/maintainers.md."""
     backends = ["sparse"] + (["minkowski"] if HAS_MINKOWSKI else [])
     wanted = {(b, d) for b in backends for d in ("float64", "float32")}
     assert wanted <= set(MEASURED), f"not measured: {sorted(wanted - set(MEASURED))}"
