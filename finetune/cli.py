@@ -103,8 +103,9 @@ def train(args, dist_info, *, start: FinetuneStart, data: Datasets, steps_per_ep
         net = torch.compile(net)
     lr = lr_for_run(args, dist_info.world_size)
     log.info("layer decay %s %.2f", args.layer_decay_type, args.layer_decay)
-    optimizer = build_optimizer(model, get_variant(args.model).depths, lr, args.weight_decay, args.layer_decay,
-                                args.layer_decay_type, device.type)
+    optimizer = build_optimizer(model, get_variant(args.model).depths, lr=lr, weight_decay=args.weight_decay,
+                                layer_decay=args.layer_decay, layer_decay_type=args.layer_decay_type,
+                                device_type=device.type)
     opt = optimisation(optimizer, args, steps_per_epoch, device.type)
 
     loader = EpochLoader(data.train, seed=args.seed, rank=dist_info.rank, world_size=dist_info.world_size,

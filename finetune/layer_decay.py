@@ -103,7 +103,7 @@ def param_groups(model: nn.Module, depths: Sequence[int], weight_decay: float, l
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, depths: Sequence[int], lr: float, weight_decay: float, layer_decay: float,
+def build_optimizer(model: nn.Module, depths: Sequence[int], *, lr: float, weight_decay: float, layer_decay: float,
                     layer_decay_type: str, device_type: str):
     """AdamW (0.9, 0.999) through timm's factory on the reference's layer-decay groups; fused where PyTorch has it
     (CPU, CUDA), so a non-finite step is skipped on the device (fcmae.runtime.optim.step_unless)."""

@@ -146,8 +146,8 @@ def build(candidate: str, cfg: dict, device: torch.device):
 
         model = create_classifier(model_name, 1000, 0.0, c).to(device)
         net = WithLoss(model, torch.nn.CrossEntropyLoss())
-        optimizer = build_optimizer(model, get_variant(model_name).depths, 2e-4 * batch / 256, 0.05, 0.9, "single",
-                                    device.type)
+        optimizer = build_optimizer(model, get_variant(model_name).depths, lr=2e-4 * batch / 256, weight_decay=0.05,
+                                    layer_decay=0.9, layer_decay_type="single", device_type=device.type)
         micro = [(imgs, labels)]
         return lambda: train_step(net, micro, optimizer, scaler, device, amp)
     raise ValueError(f"unknown candidate {candidate}")
