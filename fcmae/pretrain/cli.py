@@ -80,14 +80,15 @@ def train(args, dist_info, *, data: PretrainData, knn_sets: KnnSets, steps_per_e
                          collate_fn=data.collate)
     knn = None
     if knn_sets is not None:
-        knn = KnnMonitor(knn_sets.bank, knn_sets.queries, knn_sets.num_classes, args.knn_every_epochs, k=args.knn_k,
+        knn = KnnMonitor(knn_sets, every_epochs=args.knn_every_epochs, k=args.knn_k,
                          num_workers=min(args.num_workers, 2))
     description = (f"pretraining {args.model} ({args.backend} backend, grn {args.grn_stats}) on {len(data.dataset)} "
                    f"images of {args.in_chans} channels at {'x'.join(map(str, args.input_size))}"
                    f"{' (JPEGs decoded and augmented on the device)' if args.augment_on_device else ''}, mask "
                    f"{args.mask_ratio:.2f}, {steps_per_epoch} steps/epoch")
-    stage = PretrainStage(model=model, net=net, data=data, dataset=loader.dataset, vis_every_epochs=args.vis_every_epochs,
-                          knn=knn, show_channels=args.show_channels, description=description)
+    stage = PretrainStage(model=model, net=net, data=data, dataset=loader.dataset,
+                          vis_every_epochs=args.vis_every_epochs, knn=knn, show_channels=args.show_channels,
+                          description=description)
     loop = Loop(run_settings(args, steps_per_epoch), stage=stage, loader=loader, optimisation=opt,
                 dist_info=dist_info, device=device, prepare=data.prepare)
     loop.resume(start)

@@ -10,7 +10,7 @@ import torch
 from fcmae.data.bad_samples import BadImageMonitor
 from fcmae.runtime.loop import Loop, Stage
 
-from .data import PretrainData
+from .data import KnnSets, PretrainData
 from .knn import all_visible_map, dense_encoder_map, knn_evaluate, pooled_features
 from .monitor import collapse_scalars, collapse_stats, collapse_summary
 from .options import FORMAT
@@ -23,10 +23,9 @@ class KnnMonitor:
     """kNN top-1 of the encoder's pooled features, run densely (all patches visible) on labelled bank and query
     sets; costs one inference pass over both sets."""
 
-    def __init__(self, bank, queries, num_classes: int, every_epochs: int, k: int = 20, batch_size: int = 256,
-                 num_workers: int = 0):
-        self.bank, self.queries, self.num_classes = bank, queries, num_classes
-        self.every, self.k, self.batch_size, self.num_workers = every_epochs, k, batch_size, num_workers
+    def __init__(self, sets: KnnSets, *, every_epochs: int, k: int = 20, batch_size: int = 256, num_workers: int = 0):
+        self.sets, self.every, self.k = sets, every_epochs, k
+        self.batch_size, self.num_workers = batch_size, num_workers
 
     def due(self, epochs_done: int, epoch_end: bool, last: bool) -> bool:
         return self.every > 0 and ((epoch_end and epochs_done % self.every == 0) or last)
@@ -39,7 +38,7 @@ class KnnMonitor:
             # per-image GRN (the default): the sparse backend's all-visible pass, the same values in half the time
             final_map = all_visible_map(encoder) if encoder.grn_stats == "sample" else dense_encoder_map(encoder)
             features = pooled_features(final_map)
-            return knn_evaluate(features, self.bank, self.queries, self.num_classes, device, k=self.k,
+            return knn_evaluate(features, self.sets.bank, self.sets.queries, self.sets.num_classes, device, k=self.k,
                                 batch_size=self.batch_size, num_workers=self.num_workers)
         finally:
             encoder.train(was_training)
