@@ -4,8 +4,14 @@ import pytest
 import torch
 
 HAS_MINKOWSKI = importlib.util.find_spec("MinkowskiEngine") is not None
-# fine-tuning kept tiny and fast: atto at 32x32, a few hundred Fashion-MNIST images, no worker processes
-FAST_FINETUNE = ["--model", "convnextv2_atto", "--input-size", "32", "--batch-size", "32", "--num-workers", "0",
+# The tiny test variant (models/variants.py): atto's architecture at a fraction of its cost, for every test that
+# does not need a real variant's shapes.
+TINY = "convnextv2_test"
+# pretraining CLI arguments for the tiny variant with a small decoder (the default 512-dim decoder would be most
+# of the model and of every checkpoint)
+TINY_PRETRAIN = ["--model", TINY, "--decoder-dim", "64"]
+# fine-tuning kept tiny and fast: the tiny variant at 32x32, a few hundred Fashion-MNIST images, no worker processes
+FAST_FINETUNE = ["--model", TINY, "--input-size", "32", "--batch-size", "32", "--num-workers", "0",
                  "--val-subset", "200", "--log-every", "5"]
 
 
@@ -66,7 +72,7 @@ def pretrain_run(tmp_path_factory):
     from fcmae.pretrain.cli import main as pretrain
 
     out = tmp_path_factory.mktemp("pretrain")
-    pretrain(["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", "8", "--max-steps", "2",
+    pretrain(TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "8", "--max-steps", "2",
               "--lr", "1e-3", "--warmup-epochs", "0", "--num-workers", "0", "--knn-every-epochs", "0",
               "--output-dir", str(out)])
     return out, str(out / "checkpoint-00000002.pth")

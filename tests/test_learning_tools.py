@@ -1,5 +1,5 @@
 """The tools that show FCMAE learns: reconstruction grids, the collapse monitor (and its pretraining logs),
-kNN evaluation and the linear probe. CPU, atto, 32-64 px inputs, a few hundred Fashion-MNIST images."""
+kNN evaluation and the linear probe. CPU, the tiny test variant, 32-64 px inputs, a few hundred Fashion-MNIST images."""
 import csv
 import json
 import math
@@ -23,7 +23,7 @@ from finetune.options import parse_args
 from models import create_fcmae
 from models.convert import to_canonical
 from fcmae.tools.convert import save_converted
-from tests.conftest import FAST_FINETUNE
+from tests.conftest import FAST_FINETUNE, TINY
 from fcmae.tools import knn_eval, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,20 +57,20 @@ def _images(n=4, size=64, seed=0):
 
 
 def test_monitor_counts_dead_channels_exactly():
-    """fc1 bias -100 on chosen channels: GELU(-100 + O(1)) is 0, so exactly those channels are dead. Atto's MLP
-    is 1x1 convs (channels on dim 1); tiny's is Linear on NHWC (channels last)."""
+    """fc1 bias -100 on chosen channels: GELU(-100 + O(1)) is 0, so exactly those channels are dead. The test
+    variant's MLP is 1x1 convs as atto's (channels on dim 1); tiny's is Linear on NHWC (channels last)."""
     torch.manual_seed(0)
-    model = create_fcmae("convnextv2_atto")
+    model = create_fcmae(TINY)
     fresh = collapse_stats(model.encoder, _images())
     assert max(fresh["dead_fraction"]) < 0.01, fresh
     with torch.no_grad():
-        for block in model.encoder.stages[1].blocks:  # both blocks of stage 1: 80 of 320 hidden channels each
-            block.mlp.fc1.bias[:80] = -100.0
-        model.encoder.stages[2].blocks[4].mlp.fc1.bias[100:164] = -100.0  # 64 of 640 in one of 6 blocks
+        for block in model.encoder.stages[1].blocks:  # every block of stage 1: 32 of 128 hidden channels each
+            block.mlp.fc1.bias[:32] = -100.0
+        model.encoder.stages[2].blocks[1].mlp.fc1.bias[100:164] = -100.0  # 64 of 192 in one of 2 blocks
     model.train()
     stats = collapse_stats(model.encoder, _images())
     assert model.training and model.encoder.training  # the mode is restored
-    assert stats["dead_fraction"] == pytest.approx([0.0, 0.25, 64 / 640 / 6, 0.0], abs=1e-12)
+    assert stats["dead_fraction"] == pytest.approx([0.0, 0.25, 64 / 192 / 2, 0.0], abs=1e-12)
 
     tiny = timm.create_model("convnextv2_tiny").eval()
     with torch.no_grad():
@@ -83,14 +83,14 @@ def test_monitor_counts_dead_channels_exactly():
 def test_monitor_grn_norms():
     """gamma = j + 1 and beta = -2 in every channel of block j: ||gamma|| = (j + 1) sqrt(4C), ||beta|| = 2 sqrt(4C),
     averaged over a stage's blocks."""
-    model = create_fcmae("convnextv2_atto")
+    model = create_fcmae(TINY)
     with torch.no_grad():
         for stage in model.encoder.stages:
             for j, block in enumerate(stage.blocks):
                 block.mlp.grn.weight.fill_(j + 1.0)
                 block.mlp.grn.bias.fill_(-2.0)
     stats = collapse_stats(model.encoder, _images(2))
-    depths, hidden = (2, 2, 6, 2), (160, 320, 640, 1280)
+    depths, hidden = (1, 1, 2, 1), (96, 128, 192, 256)
     assert stats["gamma_norm"] == pytest.approx([math.sqrt(h) * (d + 1) / 2 for d, h in zip(depths, hidden)])
     assert stats["beta_norm"] == pytest.approx([2 * math.sqrt(h) for h in hidden])
     tags = collapse_scalars(stats)
@@ -122,7 +122,7 @@ def test_visualize_grid(tmp_path, pretrain_run, encoder_only):
     _, ckpt = pretrain_run
     argv = ["--num", "3", "--input-size", "64", "--seed", "5"]
     done = visualize.run([ckpt, "--out", str(tmp_path / "a.png")] + argv)
-    assert done["images"] == 3 and done["norm_pix_loss"] and done["mask_ratio"] == 0.6 and done["decoder_dim"] == 512
+    assert done["images"] == 3 and done["norm_pix_loss"] and done["mask_ratio"] == 0.6 and done["decoder_dim"] == 64
     grid = np.asarray(Image.open(tmp_path / "a.png").convert("RGB")).astype(int)
     assert grid.shape == (3 * 66 + 2, 3 * 66 + 2, 3)  # make_grid: 3 columns of 64 px, 2 px padding
     tiles = [[grid[2 + 66 * r: 66 * (r + 1), 2 + 66 * c: 66 * (c + 1)] for c in range(3)] for r in range(3)]
@@ -167,11 +167,11 @@ def test_all_visible_map_equals_the_dense_pass(backend):
     from tests.conftest import randomize_grn
 
     torch.manual_seed(0)
-    encoder = randomize_grn(SparseConvNeXtV2("convnextv2_atto", backend=backend, in_chans=2), std=0.1).eval()
+    encoder = randomize_grn(SparseConvNeXtV2(TINY, backend=backend, in_chans=2), std=0.1).eval()
     images = torch.randn(3, 2, 64, 96)
     with torch.no_grad():
         fast, dense = knn.all_visible_map(encoder)(images), knn.dense_encoder_map(encoder)(images)
-    assert fast.shape == dense.shape == (3, 320, 2, 3)
+    assert fast.shape == dense.shape == (3, 64, 2, 3)
     assert torch.allclose(fast, dense, rtol=1e-4, atol=1e-5)
 
 
@@ -205,7 +205,7 @@ def test_knn_eval_end_to_end(tmp_path, pretrain_run):
     _, ckpt = pretrain_run
     name, encoder = timm_encoder(ckpt)
     saved = read_checkpoint(ckpt)["model"]
-    assert name == "convnextv2_atto"
+    assert name == TINY
     for key, value in encoder.state_dict().items():
         if not key.startswith("head."):
             assert torch.equal(value, saved["encoder." + key]), key
@@ -236,7 +236,7 @@ def test_linear_probe_module():
     """Frozen encoder in eval mode (drop-path off even when the model is in train mode), gradients only in
     the head, and a step markedly cheaper than a fine-tuning step."""
     torch.manual_seed(0)
-    model = create_classifier("convnextv2_atto", 10, drop_path=0.5)
+    model = create_classifier(TINY, 10, drop_path=0.5)
     probe = LinearProbe(model).train()
     x = _images(4, 32)
     logits = probe(x)
@@ -259,8 +259,8 @@ def test_linear_probe_module():
             best = min(best, time.perf_counter() - t0)
         return best
 
-    full = create_classifier("convnextv2_atto", 10, drop_path=0.0)
-    probed = LinearProbe(create_classifier("convnextv2_atto", 10, drop_path=0.0))
+    full = create_classifier(TINY, 10, drop_path=0.0)
+    probed = LinearProbe(create_classifier(TINY, 10, drop_path=0.0))
     loss = torch.nn.CrossEntropyLoss()
     t_full = step_seconds(WithLoss(full, loss), full.parameters())
     t_probe = step_seconds(WithLoss(probed, loss), [p for p in probed.parameters() if p.requires_grad])
@@ -282,7 +282,7 @@ def test_linear_probe_run(tmp_path, pretrain_run):
     assert set(state["model"]) == set(encoder) | set(head)
     for key, value in encoder.items():
         assert torch.equal(state["model"][key], value), key
-    assert not torch.equal(head["head.norm.weight"], torch.ones(320)) and head["head.norm.bias"].any()
+    assert not torch.equal(head["head.norm.weight"], torch.ones(64)) and head["head.norm.bias"].any()
     assert head["head.fc.bias"].any() and head["head.fc.weight"].std() > 1e-3  # initialised at std 2e-5
     assert len(state["optimizer"]["state"]) == 4  # head.norm weight/bias, head.fc weight/bias
     assert state["args"]["linear_probe"] and state["model_ema"] is None
