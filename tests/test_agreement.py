@@ -4,8 +4,9 @@ import torch
 
 from models import create_fcmae
 from models.masking import random_mask, visible_map
-from tests.conftest import HAS_MINKOWSKI, randomize_grn
+from tests.conftest import HAS_MINKOWSKI, TINY, randomize_grn
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = ["sparse", pytest.param("minkowski", marks=pytest.mark.skipif(
     not HAS_MINKOWSKI, reason="MinkowskiEngine not installed (tools/setup.sh builds it)"))]
 
@@ -29,10 +30,10 @@ def rel(a, b, key=None):
 
 
 @pytest.fixture(scope="module")
-def atto64():
-    # a 64-dim decoder keeps the float64 runs quick; the encoder is the full atto
+def tiny64():
+    # the tiny variant and a 64-dim decoder keep the float64 runs quick; every kind of layer is there
     torch.manual_seed(0)
-    return randomize_grn(create_fcmae("convnextv2_atto", backend="dense", decoder_dim=64)).double()
+    return randomize_grn(create_fcmae(TINY, backend="dense", decoder_dim=64)).double()
 
 
 _oracle_cache = {}
@@ -49,13 +50,13 @@ def oracle(model, imgs, mask, key):
 @pytest.mark.parametrize("grn_stats", ["sample", "batch"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("size", [(224, 224), (192, 256)])
-def test_backend_matches_dense_oracle(atto64, backend, grn_stats, batch, size):
+def test_backend_matches_dense_oracle(tiny64, backend, grn_stats, batch, size):
     torch.manual_seed(batch)
     imgs = torch.randn(batch, 3, *size, dtype=torch.float64)
     mask = random_mask(batch, (size[0] // 32) * (size[1] // 32), 0.6)
-    atto64.encoder.grn_stats = grn_stats
-    loss_d, pred_d, grads_d = oracle(atto64, imgs, mask, (grn_stats, batch, size))
-    loss_b, pred_b, grads_b = run(atto64, backend, imgs, mask)
+    tiny64.encoder.grn_stats = grn_stats
+    loss_d, pred_d, grads_d = oracle(tiny64, imgs, mask, (grn_stats, batch, size))
+    loss_b, pred_b, grads_b = run(tiny64, backend, imgs, mask)
     key = (backend, "float64")
     assert rel(loss_b, loss_d, key) <= 1e-5
     assert rel(pred_b, pred_d, key) <= 1e-5
@@ -70,7 +71,7 @@ def test_backend_matches_dense_oracle(atto64, backend, grn_stats, batch, size):
 def test_any_number_of_channels_matches_dense_oracle(backend, in_chans):
     """Stem, decoder head (32*32*C values per patch) and the per-patch target over all C channels."""
     torch.manual_seed(in_chans)
-    model = randomize_grn(create_fcmae("convnextv2_atto", backend="dense", decoder_dim=64, in_chans=in_chans)).double()
+    model = randomize_grn(create_fcmae(TINY, backend="dense", decoder_dim=64, in_chans=in_chans)).double()
     imgs = torch.randn(2, in_chans, 96, 128, dtype=torch.float64)
     mask = random_mask(2, 12, 0.6)
     loss_d, pred_d, grads_d = oracle(model, imgs, mask, ("in_chans", in_chans))
@@ -85,19 +86,19 @@ def test_any_number_of_channels_matches_dense_oracle(backend, in_chans):
         assert rel(grads_b[name], g, key) <= 1e-5, name
 
 
-def test_masked_only_prediction_equals_full_map_loss(atto64):
+def test_masked_only_prediction_equals_full_map_loss(tiny64):
     """forward's loss (pred projection at the masked cells only) is the full-map loss of predict's maps, and its
     rows are those maps' columns at the masked cells."""
     torch.manual_seed(5)
     imgs = torch.randn(3, 3, 96, 128, dtype=torch.float64)
     mask = random_mask(3, 12, 0.6)
     for backend in ["dense", "sparse"]:
-        atto64.encoder.set_backend(backend)
+        tiny64.encoder.set_backend(backend)
         with torch.no_grad():
-            loss, pred, _ = atto64(imgs, mask)
-        full = atto64.predict(imgs, mask)
+            loss, pred, _ = tiny64(imgs, mask)
+        full = tiny64.predict(imgs, mask)
         assert full.shape == (3, 3072, 3, 4)
-        assert loss.item() == pytest.approx(atto64.forward_loss(imgs, full, mask).item(), rel=1e-12, abs=0)
+        assert loss.item() == pytest.approx(tiny64.forward_loss(imgs, full, mask).item(), rel=1e-12, abs=0)
         cols = full.flatten(2).transpose(1, 2)[mask.bool()].view(3, 8, 3072)  # masked cells in increasing order
         assert torch.allclose(pred, cols, rtol=1e-12, atol=1e-14)
 
@@ -105,7 +106,7 @@ def test_masked_only_prediction_equals_full_map_loss(atto64):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_agreement(backend):
     torch.manual_seed(1)
-    model = randomize_grn(create_fcmae("convnextv2_atto", backend="dense", decoder_dim=64))
+    model = randomize_grn(create_fcmae(TINY, backend="dense", decoder_dim=64))
     imgs = torch.randn(2, 3, 128, 96)
     mask = random_mask(2, 12, 0.6)
     loss_d, _, grads_d = run(model, "dense", imgs, mask)
@@ -125,7 +126,7 @@ def timm_blocks_on_masked_input(timm_model, imgs, mask):
         for blk in stage.blocks:
             shortcut = x
             y = blk.conv_dw(x) * vis
-            y = blk.norm(y)  # LayerNorm2d on NCHW (atto uses 1x1-conv MLPs)
+            y = blk.norm(y)  # LayerNorm2d on NCHW (atto and the tiny variant use 1x1-conv MLPs)
             y = blk.mlp.act(blk.mlp.fc1(y)) * vis
             y = blk.mlp.fc2(blk.mlp.grn(y)) * vis  # GRN over zeroed masked sites = stats over visible sites
             x = shortcut + y
@@ -133,19 +134,19 @@ def timm_blocks_on_masked_input(timm_model, imgs, mask):
 
 
 @pytest.mark.parametrize("size", [(224, 224), (192, 256)])
-def test_dense_oracle_matches_timm_blocks(atto64, size):
+def test_dense_oracle_matches_timm_blocks(tiny64, size):
     import timm
 
     torch.manual_seed(2)
-    timm_model = timm.create_model("convnextv2_atto", num_classes=0).double()
-    missing, unexpected = timm_model.load_state_dict(atto64.encoder.state_dict(), strict=False)
+    timm_model = timm.create_model(TINY, num_classes=0).double()
+    missing, unexpected = timm_model.load_state_dict(tiny64.encoder.state_dict(), strict=False)
     assert unexpected == [] and all(k.startswith("head.") for k in missing)
     imgs = torch.randn(2, 3, *size, dtype=torch.float64)
     mask = random_mask(2, (size[0] // 32) * (size[1] // 32), 0.6)
-    atto64.encoder.grn_stats = "sample"
-    atto64.encoder.set_backend("dense")
+    tiny64.encoder.grn_stats = "sample"
+    tiny64.encoder.set_backend("dense")
     with torch.no_grad():
-        ours = atto64.encoder(imgs, mask)
+        ours = tiny64.encoder(imgs, mask)
         ref = timm_blocks_on_masked_input(timm_model, imgs, mask)
     vis = visible_map(mask, (size[0] // 32, size[1] // 32), 1).bool().expand_as(ours)
     assert torch.allclose(ours[vis], ref[vis], rtol=1e-9, atol=1e-10)
@@ -157,8 +158,8 @@ def test_fully_visible_encoder_equals_timm_forward_features():
     import timm
 
     torch.manual_seed(3)
-    model = randomize_grn(create_fcmae("convnextv2_atto")).double()
-    timm_model = timm.create_model("convnextv2_atto", num_classes=0).double()
+    model = randomize_grn(create_fcmae(TINY, decoder_dim=64)).double()
+    timm_model = timm.create_model(TINY, num_classes=0).double()
     timm_model.load_state_dict(model.encoder.state_dict(), strict=False)
     imgs = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     mask = torch.zeros(2, 6)
@@ -170,25 +171,25 @@ def test_fully_visible_encoder_equals_timm_forward_features():
 
 
 @pytest.mark.parametrize("grn_stats", ["sample", "batch"])
-def test_encoder_takes_masks_with_any_count_per_image(atto64, grn_stats):
+def test_encoder_takes_masks_with_any_count_per_image(tiny64, grn_stats):
     """The encoder's general path (no `keep`: an API caller's mask, a different count per image) still agrees with
     the oracle, and with `keep` given for a uniform mask the static path gives the same as the general one."""
     torch.manual_seed(6)
     imgs = torch.randn(2, 3, 96, 64, dtype=torch.float64)
     mask = torch.tensor([[0.0, 1, 1, 0, 1, 1], [1.0, 1, 0, 1, 1, 1]])  # 2 and 1 visible cells
-    atto64.encoder.grn_stats = grn_stats
+    tiny64.encoder.grn_stats = grn_stats
     outs = {}
     for backend in ["dense", "sparse"]:
-        atto64.encoder.set_backend(backend)
+        tiny64.encoder.set_backend(backend)
         x = imgs.clone().requires_grad_(True)
-        out = atto64.encoder(x, mask)
+        out = tiny64.encoder(x, mask)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         outs[backend] = (out.detach(), x.grad)
     for a, b in zip(outs["sparse"], outs["dense"]):
         assert rel(a, b) <= 1e-9
     uniform = random_mask(2, 6, 0.6)
     with torch.no_grad():
-        assert torch.equal(atto64.encoder(imgs, uniform, 2), atto64.encoder(imgs, uniform))
+        assert torch.equal(tiny64.encoder(imgs, uniform, 2), tiny64.encoder(imgs, uniform))
 
 
 def test_report_measured_agreement():
