@@ -10,15 +10,15 @@ from torch import nn
 from models import create_fcmae, random_mask
 from models.ablations import has_active_grn, remove_grn
 from models.encoder import SparseConvNeXtV2
-from tests.conftest import randomize_grn
+from tests.conftest import TINY, randomize_grn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def encoder_pair():
-    """The same randomly initialised atto encoder (GRN non-zero) on the naive and the dense (oracle) backend."""
+    """The same randomly initialised encoder (GRN non-zero) on the naive and the dense (oracle) backend."""
     torch.manual_seed(0)
-    naive = randomize_grn(SparseConvNeXtV2("convnextv2_atto", backend="naive")).eval()
+    naive = randomize_grn(SparseConvNeXtV2(TINY, backend="naive")).eval()
     dense = copy.deepcopy(naive)
     dense.set_backend("dense")
     return naive, dense
@@ -30,7 +30,7 @@ def test_naive_equals_dense_oracle_when_nothing_is_masked():
     visible = torch.zeros(2, 6)
     with torch.no_grad():
         out = naive(imgs, visible)
-        assert out.shape == (2, 320, 2, 3)
+        assert out.shape == (2, 64, 2, 3)
         torch.testing.assert_close(out, dense(imgs, visible), rtol=1e-4, atol=1e-4)
 
 
@@ -53,7 +53,7 @@ def test_naive_leaks_through_masked_sites_with_a_real_mask():
 
 def test_naive_backend_trains_every_encoder_parameter():
     torch.manual_seed(0)
-    model = create_fcmae("convnextv2_atto", backend="naive")
+    model = create_fcmae(TINY, backend="naive", decoder_dim=64)
     loss, _, _ = model(torch.randn(2, 3, 64, 64))
     loss.backward()
     assert all(p.grad is not None for n, p in model.encoder.named_parameters()), "a parameter got no gradient"
@@ -61,11 +61,11 @@ def test_naive_backend_trains_every_encoder_parameter():
 
 def test_grn_less_block_equals_the_block_without_grn():
     torch.manual_seed(0)
-    encoder = randomize_grn(SparseConvNeXtV2("convnextv2_atto")).eval()
+    encoder = randomize_grn(SparseConvNeXtV2(TINY)).eval()
     block = encoder.stages[1].blocks[0]
     without = copy.deepcopy(block)
     without.mlp.grn = nn.Identity()
-    x = torch.randn(2, 80, 8, 8)
+    x = torch.randn(2, 32, 8, 8)
     with torch.no_grad():
         assert (block(x) - without(x)).abs().max() > 1e-3  # the randomised GRN does act before the ablation
         remove_grn(encoder)
@@ -75,12 +75,12 @@ def test_grn_less_block_equals_the_block_without_grn():
 
 def test_removed_grn_stays_zero_through_optimiser_steps_and_keeps_its_keys():
     torch.manual_seed(0)
-    model = create_fcmae("convnextv2_atto")
+    model = create_fcmae(TINY)
     keys = list(model.state_dict())
     remove_grn(model.encoder)
     assert list(model.state_dict()) == keys  # checkpoints keep timm's layout
     frozen = [p for n, p in model.encoder.named_parameters() if ".grn." in n]
-    assert len(frozen) == 2 * sum((2, 2, 6, 2)) and not any(p.requires_grad for p in frozen)
+    assert len(frozen) == 2 * sum((1, 1, 2, 1)) and not any(p.requires_grad for p in frozen)
     # the pretraining CLI's optimiser: timm's groups (trainable parameters only), weight decay on matrices
     optimizers = [torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-2, betas=(0.9, 0.95)),
                   torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)]  # a careless one: no grad, no step
@@ -95,7 +95,7 @@ def test_removed_grn_stays_zero_through_optimiser_steps_and_keeps_its_keys():
     # and the weights load into timm's dense ConvNeXt V2 strictly
     import timm
 
-    dense = timm.create_model("convnextv2_atto", num_classes=0)
+    dense = timm.create_model(TINY, num_classes=0)
     result = dense.load_state_dict({k[len("encoder."):]: v for k, v in model.state_dict().items()
                                     if k.startswith("encoder.")}, strict=False)
     assert not result.unexpected_keys and sorted(result.missing_keys) == ["head.norm.bias", "head.norm.weight"]
