@@ -11,7 +11,9 @@ from finetune.cli import run as finetune_run
 from models import create_fcmae
 from models.grn import Float32StatsGRN
 from models.masking import random_mask
-from tests.conftest import HAS_MINKOWSKI, randomize_grn
+from tests.conftest import HAS_MINKOWSKI, TINY, TINY_PRETRAIN, randomize_grn
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_grn_norms_do_not_overflow_in_fp16():
@@ -32,7 +34,7 @@ def test_grn_norms_do_not_overflow_in_fp16():
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_autocast_forward_backward_close_to_float32(backend, amp):
     torch.manual_seed(0)
-    model = randomize_grn(create_fcmae("convnextv2_atto", backend=backend, decoder_dim=64), std=0.1)
+    model = randomize_grn(create_fcmae(TINY, backend=backend, decoder_dim=64), std=0.1)
     imgs, mask = torch.randn(2, 3, 64, 96), random_mask(2, 6, 0.6)
     loss32, _, _ = model(imgs, mask)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -47,11 +49,11 @@ def test_autocast_forward_backward_close_to_float32(backend, amp):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_pretrain_and_finetune_steps_under_autocast(tmp_path, amp):
-    done = pretrain_main(["--input-size", "64", "--batch-size", "4", "--max-steps", "2", "--warmup-epochs", "0",
+    done = pretrain_main(TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "4", "--max-steps", "2", "--warmup-epochs", "0",
                           "--num-workers", "0", "--amp", amp, "--knn-every-epochs", "0",
                           "--output-dir", str(tmp_path / "pre")])
     assert done["steps"] == 2 and math.isfinite(done["first_loss"]) and math.isfinite(done["last_loss"])
-    result = finetune_run(["--model", "convnextv2_atto", "--input-size", "32", "--batch-size", "8",
+    result = finetune_run(["--model", TINY, "--input-size", "32", "--batch-size", "8",
                            "--train-subset", "16", "--val-subset", "16", "--epochs", "1", "--num-workers", "0",
                            "--amp", amp, "--finetune", str(tmp_path / "pre" / "checkpoint-00000002.pth"),
                            "--output-dir", str(tmp_path / "ft")])
