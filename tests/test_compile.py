@@ -7,12 +7,12 @@ import torch
 
 from models.fcmae import compile_for_training, create_fcmae
 from models.masking import random_mask
-from tests.conftest import randomize_grn
+from tests.conftest import TINY, randomize_grn
 
 
 def test_compiled_sparse_step_equals_eager():
     torch.manual_seed(0)
-    eager = randomize_grn(create_fcmae("convnextv2_atto", backend="sparse", decoder_dim=64), std=0.1)
+    eager = randomize_grn(create_fcmae(TINY, backend="sparse", decoder_dim=64), std=0.1)
     compiled = compile_for_training(copy.deepcopy(eager), fullgraph=True)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # parameter names unchanged
     imgs, mask = torch.randn(2, 3, 64, 64), random_mask(2, 4, 0.6)
