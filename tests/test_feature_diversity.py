@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tools.feature_diversity import channel_cosine_distance, feature_distances, main, run
+from tests.conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,10 +43,10 @@ def test_matches_the_pairwise_definition_in_both_layouts():
 @pytest.mark.parametrize("activation", ["mlp", "block"])
 def test_collapsed_channels_score_zero_random_ones_do_not(activation):
     torch.manual_seed(0)
-    model = timm.create_model("convnextv2_atto", num_classes=0).eval()
+    model = timm.create_model(TINY, num_classes=0).eval()
     images = torch.randn(2, 3, 64, 64)
     random = feature_distances(model, images, activation)
-    assert [len(s) for s in random] == [2, 2, 6, 2]
+    assert [len(s) for s in random] == [1, 1, 2, 1]
     assert all(0 <= d <= 0.5 for s in random for d in s) and max(d for s in random for d in s) > 0.05
     with torch.no_grad():
         for stage in model.stages:
@@ -53,27 +54,27 @@ def test_collapsed_channels_score_zero_random_ones_do_not(activation):
                 if activation == "mlp":  # every hidden unit computes the same function
                     block.mlp.fc1.weight.copy_(block.mlp.fc1.weight[:1].expand_as(block.mlp.fc1.weight))
                     block.mlp.fc1.bias.fill_(block.mlp.fc1.bias[0].item())
-    if activation == "block":  # the last block's output: every channel the same map
-        last = model.stages[3].blocks[1]
+    if activation == "block":  # the last block of stage 2 (two blocks) outputs one map in every channel
+        last = model.stages[2].blocks[1]
         last.register_forward_hook(lambda m, a, out: out[:, :1].expand_as(out))
     collapsed = feature_distances(model, images, activation)
     if activation == "mlp":
         assert max(d for s in collapsed for d in s) < 1e-5
     else:
-        assert collapsed[3][1] < 1e-5 and collapsed[3][0] == pytest.approx(random[3][0])
+        assert collapsed[2][1] < 1e-5 and collapsed[2][0] == pytest.approx(random[2][0])
 
 
 def test_cli_table_plot_json_and_errors(tmp_path, capsys):
     torch.manual_seed(1)
-    ckpt = tmp_path / "atto.safetensors"
-    save_file(timm.create_model("convnextv2_atto", num_classes=0, in_chans=1).state_dict(), str(ckpt))  # grey
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file(timm.create_model(TINY, num_classes=0, in_chans=1).state_dict(), str(ckpt))  # grey
     out = run([str(ckpt), "--random-init", "--labels", "trained", "random", "--images", "4", "--input-size", "32",
                "--out", str(tmp_path / "d.png"), "--json", str(tmp_path / "d.json")])
     printed = capsys.readouterr().out
     assert "| trained |" in printed and "| random |" in printed and "stage 4" in printed
     saved = json.loads((tmp_path / "d.json").read_text())
     assert saved["distances"] == out["distances"] and set(saved["distances"]) == {"trained", "random"}
-    assert [len(s) for s in saved["distances"]["random"]] == [2, 2, 6, 2]
+    assert [len(s) for s in saved["distances"]["random"]] == [1, 1, 2, 1]
     assert Image.open(tmp_path / "d.png").size[0] > 300
     # bad input: one error line, exit code 2
     for argv, message in [([str(tmp_path / "missing.pth")], "checkpoint not found"),

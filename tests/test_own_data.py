@@ -14,6 +14,7 @@ from fcmae.runtime.checkpoint_file import read_checkpoint
 from finetune.cli import run as finetune
 from fcmae.tools.convert import main as convert
 from fcmae.tools.data_stats import main as data_stats
+from tests.conftest import TINY, TINY_PRETRAIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RNG = np.random.default_rng(0)
@@ -51,7 +52,7 @@ def test_pretrain_convert_timm_finetune(tmp_path, c, kind, capsys):
     assert values["in-chans"] == c and len(values["mean"]) == len(values["std"]) == c
 
     out = tmp_path / "pre"
-    metrics = pretrain(["-c", str(stats), "--data-path", str(data / "train"), "--input-size", "64", "--batch-size", "4",
+    metrics = pretrain(TINY_PRETRAIN + ["-c", str(stats), "--data-path", str(data / "train"), "--input-size", "64", "--batch-size", "4",
                         "--max-steps", "3", "--epochs", "1", "--warmup-epochs", "0", "--lr", "1e-3", "--num-workers",
                         "0", "--knn-every-epochs", "0", "--output-dir", str(out)])
     assert metrics["complete"] and metrics["steps"] == 3
@@ -61,7 +62,7 @@ def test_pretrain_convert_timm_finetune(tmp_path, c, kind, capsys):
     assert state["model"]["pred.weight"].shape[0] == 32 * 32 * c
 
     assert convert([str(ckpt), str(tmp_path / "enc.safetensors"), "--to", "timm"]) == 0
-    model = timm.create_model("convnextv2_atto", num_classes=0, in_chans=c)
+    model = timm.create_model(TINY, num_classes=0, in_chans=c)
     result = model.load_state_dict(load_file(tmp_path / "enc.safetensors"), strict=False)
     # every encoder tensor loads; only the final norm (absent from a pretraining checkpoint) stays at its init
     assert sorted(result.missing_keys) == ["head.norm.bias", "head.norm.weight"] and not result.unexpected_keys
@@ -98,7 +99,7 @@ def test_finetune_from_tar_shards(tmp_path):
         with pytest.raises(SystemExit) as e:
             make_shards([str(root / split), str(tmp_path / "shards" / split), "--prefix", split])
         assert e.value.code == 0
-    common = ["--input-size", "32", "--batch-size", "4", "--max-steps", "3", "--epochs", "1", "--aa", "none",
+    common = ["--model", TINY, "--input-size", "32", "--batch-size", "4", "--max-steps", "3", "--epochs", "1", "--aa", "none",
               "--reprob", "0", "--num-workers", "0", "--no-model-ema", "--seed", "3"]
     from_shards = finetune(common + ["--data-path", str(tmp_path / "shards"), "--output-dir", str(tmp_path / "a")])
     from_folder = finetune(common + ["--data-path", str(root), "--output-dir", str(tmp_path / "b")])

@@ -5,6 +5,9 @@ import torch
 from fcmae.pretrain.visualize import reconstruct, reconstruction_grid
 from models import create_fcmae
 from models.masking import random_mask
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 S = 64  # image side; make_grid puts 2 px of padding around every tile
 
@@ -15,7 +18,7 @@ def tile(grid, row, col):
 
 def setup(in_chans, scale=1.0):
     torch.manual_seed(in_chans)
-    model = create_fcmae("convnextv2_atto", decoder_dim=64, in_chans=in_chans)
+    model = create_fcmae(TINY, decoder_dim=64, in_chans=in_chans)
     imgs = torch.randn(2, in_chans, S, S) * scale
     return model, imgs, random_mask(2, 4, 0.6)
 
