@@ -14,11 +14,12 @@ from fcmae.runtime import checkpoints as ckpt
 from fcmae.runtime.step import train_step
 from models import create_fcmae
 from models.masking import random_mask
+from tests.conftest import TINY, TINY_PRETRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the kNN monitor off (it reads 3000 Fashion-MNIST images): test_knn_monitor turns it on at a small size
-SMALL = ["--input-size", "64", "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0",
-         "--log-every", "1", "--blr", "1e-3", "--knn-every-epochs", "0"]
+SMALL = TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0",
+                         "--num-workers", "0", "--log-every", "1", "--blr", "1e-3", "--knn-every-epochs", "0"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -82,7 +83,7 @@ def test_accumulation_equals_one_big_batch():
     params = []
     for micro in ([(imgs, mask)], [(imgs[:4], mask[:4]), (imgs[4:], mask[4:])]):
         torch.manual_seed(1)
-        model = create_fcmae("convnextv2_atto").double()
+        model = create_fcmae(TINY).double()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         loss, grad_norm, finite = train_step(model, micro, opt, torch.amp.GradScaler("cpu", enabled=False),
                                              torch.device("cpu"), "none")
