@@ -24,15 +24,16 @@ from fcmae.runtime.checkpoint_file import read_checkpoint
 from fcmae.runtime.files import TMP_PREFIX
 from fcmae.runtime.cli import run_cli
 from fcmae.runtime.errors import EXIT_NONFINITE, EXIT_STOPPED, EXIT_USAGE, EXIT_WRITE_FAILED
+from tests.conftest import TINY, TINY_PRETRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = int(os.environ.get("RELIABILITY_SEED", time.time_ns() % 2 ** 31))
 STEPS = 8
-PRETRAIN = ["-m", "fcmae.pretrain", "--input-size", "64", "--batch-size", "4", "--epochs", "3",
+PRETRAIN = ["-m", "fcmae.pretrain", *TINY_PRETRAIN, "--input-size", "64", "--batch-size", "4", "--epochs", "3",
             "--warmup-epochs", "0", "--num-workers", "0", "--blr", "1e-3", "--log-every", "1", "--device", "cpu",
             "--data-path", "{data}", "--max-steps", str(STEPS)]
 # mixup, RandAugment, drop-path and EMA on: every source of randomness a resume must reproduce
-FINETUNE = ["-m", "finetune", "--model", "convnextv2_atto", "--input-size", "32", "--batch-size", "8",
+FINETUNE = ["-m", "finetune", "--model", TINY, "--input-size", "32", "--batch-size", "8",
             "--train-subset", "24", "--val-subset", "16", "--epochs", "3", "--num-workers", "0", "--log-every", "1",
             "--mixup", "0.8", "--cutmix", "1.0", "--device", "cpu", "--max-steps", str(STEPS)]
 # the same pretraining run reading the photos packed as tar shards (several, small): same samples, same order
@@ -297,8 +298,9 @@ def test_disk_full_at_start(tmpfs, data):
 
 
 def small_pretrain(out, data, *extra):
-    return ["--input-size", "64", "--batch-size", "4", "--epochs", "3", "--warmup-epochs", "0", "--num-workers", "0",
-            "--data-path", data, "--output-dir", str(out), "--log-every", "1"] + list(extra)
+    return TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "4", "--epochs", "3", "--warmup-epochs", "0",
+                            "--num-workers", "0", "--data-path", data, "--output-dir", str(out), "--log-every",
+                            "1"] + list(extra)
 
 
 def test_full_disk_monkeypatched_keeps_the_previous_checkpoint(tmp_path, data, monkeypatch, capsys):
@@ -477,8 +479,8 @@ def test_resume_with_changed_settings(tmp_path, data, capsys):
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.1], groups
     for extra, message in [(["--in-chans", "1"], "was trained with --in-chans 3 but this run has 1"),
                            (["--model", "convnextv2_femto"],
-                            "was trained with --model convnextv2_atto but this run has convnextv2_femto"),
-                           (["--decoder-dim", "256"], "was trained with --decoder-dim 512 but this run has 256")]:
+                            f"was trained with --model {TINY} but this run has convnextv2_femto"),
+                           (["--decoder-dim", "256"], "was trained with --decoder-dim 64 but this run has 256")]:
         files = sorted(os.listdir(out))
         assert run_cli(pretrain_main, small_pretrain(out, data, "--max-steps", "3", *extra)) == EXIT_USAGE
         (line,) = error_lines(capsys.readouterr().err)
