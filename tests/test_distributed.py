@@ -10,13 +10,14 @@ import pytest
 
 from fcmae.runtime import checkpoints as ckpt
 from fcmae.runtime.distributed import first_slurm_host
+from tests.conftest import TINY, TINY_PRETRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = ["-m", "fcmae.pretrain", "--input-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--num-workers",
-            "0", "--blr", "1e-3", "--log-every", "1", "--device", "cpu"]
+PRETRAIN = ["-m", "fcmae.pretrain", *TINY_PRETRAIN, "--input-size", "64", "--epochs", "1", "--warmup-epochs", "0",
+            "--num-workers", "0", "--blr", "1e-3", "--log-every", "1", "--device", "cpu"]
 # no drop-path and no mixup: their draws are per process, so only then can 2 x 4 images equal 1 x 8;
 # RandAugment and random erasing are drawn per image and stay on
-FINETUNE = ["-m", "finetune", "--model", "convnextv2_atto", "--input-size", "32", "--train-subset", "64",
+FINETUNE = ["-m", "finetune", "--model", TINY, "--input-size", "32", "--train-subset", "64",
             "--val-subset", "20", "--epochs", "1", "--num-workers", "0", "--drop-path", "0", "--lr", "1e-3",
             "--log-every", "1", "--device", "cpu"]
 
