@@ -35,8 +35,10 @@ from models.convert import (  # noqa: E402
 )
 from models.me_layout import conv_weight, depthwise_weight  # noqa: E402
 from fcmae.tools.convert import main  # noqa: E402
+from tests.conftest import TINY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # models.convert is pure (state dicts and containers in, state dicts out); these read a path first, as the CLIs do
@@ -54,7 +56,9 @@ def convert(source, *args, **kwargs):
 
 def in_chans_of(source, *args, **kwargs):
     return conversions.in_chans_of(_read(source), *args, **kwargs)
-MODELS = ["convnextv2_atto", "convnextv2_tiny"]  # conv-MLP (1x1 conv fc) and Linear-MLP variants
+# real variants of both MLP families (conv-MLP: 1x1 conv fc; Linear-MLP), for the layouts of released checkpoints,
+# and the test variant the other test modules convert
+MODELS = ["convnextv2_atto", "convnextv2_tiny", TINY]
 NUM_CLASSES = 10
 HEAD_KEYS = {"head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias"}
 
@@ -800,7 +804,7 @@ def test_minkowski_kernel_mapping_lives_in_one_module():
 
 
 def test_report_measured_differences():
-    """Runs last: every logit/feature comparison above was measured for both MLP layouts (atto: 1x1 conv, tiny:
+    """Runs last: every logit/feature comparison above was measured for every model (atto: 1x1 conv MLP, tiny:
     Linear) and stays within float32 round-off of the outputs' scale; the figures are printed (pytest -s)."""
     pytest.importorskip("transformers")
     for name in MODELS:
