@@ -3,6 +3,8 @@ import importlib.util
 import pytest
 import torch
 
+import models  # noqa: F401  (importing models registers the tiny test variant with timm)
+
 HAS_MINKOWSKI = importlib.util.find_spec("MinkowskiEngine") is not None
 # The tiny test variant (models/variants.py): atto's architecture at a fraction of its cost, for every test that
 # does not need a real variant's shapes.

@@ -7,7 +7,7 @@ from timm.scheduler import CosineLRScheduler
 
 from finetune.layer_decay import layer_id, lr_scale, no_weight_decay, num_layers, param_groups
 
-ATTO, BASE = (2, 2, 6, 2), (3, 3, 27, 3)
+ATTO, BASE, TEST = (2, 2, 6, 2), (3, 3, 27, 3), (1, 1, 2, 1)
 
 # Written out by hand, one entry per module prefix, so the tables do not share the code's arithmetic.
 ATTO_SINGLE = {
@@ -25,6 +25,16 @@ ATTO_GROUP = {
     "stages.2.blocks.3": 4, "stages.2.blocks.4": 4, "stages.2.blocks.5": 4,
     "stages.3.downsample": 12, "stages.3.blocks.0": 12, "stages.3.blocks.1": 12,
     "head.norm": 13, "head.fc": 13,
+}
+TEST_SINGLE = {  # the tiny test variant: one block per stage but two in stage 2
+    "stem": 1, "stages.0.blocks.0": 1, "stages.1.downsample": 2, "stages.1.blocks.0": 2,
+    "stages.2.downsample": 3, "stages.2.blocks.0": 3, "stages.2.blocks.1": 4,
+    "stages.3.downsample": 5, "stages.3.blocks.0": 5, "head.norm": 6, "head.fc": 6,
+}
+TEST_GROUP = {
+    "stem": 0, "stages.0.blocks.0": 1, "stages.1.downsample": 2, "stages.1.blocks.0": 2,
+    "stages.2.downsample": 3, "stages.2.blocks.0": 3, "stages.2.blocks.1": 3,
+    "stages.3.downsample": 12, "stages.3.blocks.0": 12, "head.norm": 13, "head.fc": 13,
 }
 BASE_SINGLE = {
     "stem": 1, "stages.0.blocks.0": 1, "stages.0.blocks.1": 2, "stages.0.blocks.2": 3,
@@ -48,7 +58,7 @@ BASE_GROUP = {
 def models():
     with torch.device("meta"):  # names and shapes only: base costs nothing to build
         return {d: timm.create_model(name, num_classes=10)
-                for d, name in [(ATTO, "convnextv2_atto"), (BASE, "convnextv2_base")]}
+                for d, name in [(ATTO, "convnextv2_atto"), (BASE, "convnextv2_base"), (TEST, "convnextv2_test")]}
 
 
 def module_of(name: str) -> str:
@@ -61,6 +71,7 @@ def module_of(name: str) -> str:
 @pytest.mark.parametrize("depths,mode,table,total", [
     (ATTO, "single", ATTO_SINGLE, 12), (ATTO, "group", ATTO_GROUP, 12),
     (BASE, "single", BASE_SINGLE, 36), (BASE, "group", BASE_GROUP, 12),
+    (TEST, "single", TEST_SINGLE, 5), (TEST, "group", TEST_GROUP, 12),
 ])
 def test_layer_ids(models, depths, mode, table, total):
     names = [n for n, _ in models[depths].named_parameters()]
