@@ -23,6 +23,7 @@ from fcmae.runtime.cli import run_cli
 from finetune.cli import run as finetune_run
 from fcmae.tools import convert, data_stats, knn_eval, make_shards, visualize
 from tools import bench_memory, benchmark, feature_diversity
+from tests.conftest import TINY_PRETRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -275,10 +276,10 @@ case("feature_diversity", ["--json", "/proc/fd.json"], "not writable")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Real inputs to get wrong: a pretraining checkpoint of atto, garbage, folders of images."""
+    """Real inputs to get wrong: a pretraining checkpoint (the tiny test variant), garbage, folders of images."""
     root = tmp_path_factory.mktemp("inputs")
-    pretrain_main(["--input-size", "64", "--batch-size", "4", "--max-steps", "1", "--warmup-epochs", "0",
-                   "--num-workers", "0", "--knn-every-epochs", "0", "--output-dir", str(root / "pre")])
+    pretrain_main(TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "4", "--max-steps", "1", "--warmup-epochs",
+                                   "0", "--num-workers", "0", "--knn-every-epochs", "0", "--output-dir", str(root / "pre")])
     (root / "garbage.pth").write_bytes(b"not a checkpoint at all")
     (root / "a_file").write_text("")
     (root / "six").mkdir()
