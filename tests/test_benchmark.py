@@ -15,13 +15,13 @@ GIB = bench_memory.GIB
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "new" / "folder" / "bench.json"  # a folder that does not exist yet is created
     # one thread: the tiny steps gain nothing from more, and a shared machine makes extra threads stall
-    report = main(["--variants", "atto", "--input-sizes", "64", "--batch-sizes", "2", "--rounds", "3", "--threads", "1",
+    report = main(["--variants", "test", "--input-sizes", "64", "--batch-sizes", "2", "--rounds", "3", "--threads", "1",
                    "--amp", "none", "bf16", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     report = json.loads(out.read_text())
     assert report["amp"] == ["none", "bf16"] and report["threads"] == 1
     (res,) = report["results"]
-    assert (res["variant"], res["input_size"], res["batch_size"], res["mask_ratio"]) == ("atto", [64, 64], 2, 0.6)
+    assert (res["variant"], res["input_size"], res["batch_size"], res["mask_ratio"]) == ("test", [64, 64], 2, 0.6)
     names = report["candidates"]
     expected = {f"{c}/{amp}" for c in ("sparse", "dense", "timm", "finetune") for amp in ("none", "bf16")}
     assert expected <= set(names) <= expected | {"minkowski/none"}  # minkowski where it imports, float32 only
@@ -149,7 +149,7 @@ def test_bench_memory_main_writes_both_searches(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_memory_one_real_measurement():
-    config = argparse.Namespace(model="convnextv2_atto", input_size=64, backend="sparse", threads=1)
+    config = argparse.Namespace(model="convnextv2_test", input_size=64, backend="sparse", threads=1)
     row = bench_memory.measure(config, 1, False)
     assert row["batch"] == 1 and row["peak_bytes"] > 100 * 2 ** 20  # torch alone is more
     assert row["step_seconds"] > 0 and math.isfinite(row["loss"])
