@@ -20,6 +20,7 @@ from fcmae.pretrain.cli import main as pretrain
 from fcmae.pretrain.data import MaskedImages
 from fcmae.runtime import checkpoints as ckpt
 from fcmae.runtime.cli import run_cli
+from tests.conftest import TINY_PRETRAIN
 from tools.bench_loader import make_jpegs, photos
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,8 +212,9 @@ def test_a_jpeg_no_decoder_reads_is_marked_bad(tmp_path, monkeypatch):
     assert imgs[0].float().std() > 5 and imgs[2].float().std() > 5
 
 
-PRETRAIN = ["--input-size", "64", "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0", "--log-every", "1",
-            "--blr", "1e-3", "--knn-every-epochs", "0", "--device", "cpu", "--augment-on-device"]
+PRETRAIN = TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "4", "--epochs", "1", "--warmup-epochs", "0",
+                            "--log-every", "1", "--blr", "1e-3", "--knn-every-epochs", "0", "--device", "cpu",
+                            "--augment-on-device"]
 
 
 def test_resume_is_exact_with_augment_on_device(tmp_path):

@@ -33,6 +33,7 @@ from fcmae.runtime.cli import run_cli
 from fcmae.runtime.errors import DataError, RunStopped
 from fcmae.tools import make_shards as make_shards_tool
 from fcmae.tools.make_shards import make_shards
+from tests.conftest import TINY_PRETRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RNG = np.random.default_rng(0)
@@ -199,7 +200,7 @@ def test_damaged_shards_in_a_pretraining_run_are_skipped_and_logged(tmp_path):
     n = len(TarShards(str(tmp_path / "shards"), max_bad_fraction=0.5))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        cli(["--model", "convnextv2_atto", "--input-size", "64", "--batch-size", str(n), "--epochs", "1",
+        cli([*TINY_PRETRAIN, "--input-size", "64", "--batch-size", str(n), "--epochs", "1",
              "--warmup-epochs", "0", "--num-workers", "0", "--knn-every-epochs", "0", "--max-bad-fraction", "0.3",
              "--data-path", str(tmp_path / "shards"), "--output-dir", str(out)])
     assert e.value.code == 0
@@ -380,7 +381,7 @@ def test_unsupported_locations_say_what_is_supported(case, tmp_path, capsys):
     assert "local" in str(e.value) and ".tar" in str(e.value)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_:
-        cli(["--model", "convnextv2_atto", "--input-size", "64", "--num-workers", "0", "--data-path", data_path,
+        cli([*TINY_PRETRAIN, "--input-size", "64", "--num-workers", "0", "--data-path", data_path,
              "--output-dir", str(out)])
     assert exit_.value.code == 2
     one_error_line(capsys.readouterr().err, "not supported")
