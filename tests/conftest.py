@@ -1,9 +1,16 @@
 import importlib.util
+import os
 
-import pytest
-import torch
+# One OpenMP thread for the whole session, set before torch starts (unless OMP_NUM_THREADS is already set; child
+# processes inherit it): the tests' operations are small, and on the shared 2-core machine a second thread stalls
+# them (test_agreement: 229 s on two threads, 14 s on one, at load 2). torch.set_num_threads(1) in a fixture is not
+# enough: MinkowskiEngine sets OpenMP's thread count to this variable (else the CPU count) for every coordinate map.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import models  # noqa: F401  (importing models registers the tiny test variant with timm)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import models  # noqa: E402,F401  (importing models registers the tiny test variant with timm)
 
 HAS_MINKOWSKI = importlib.util.find_spec("MinkowskiEngine") is not None
 # The tiny test variant (models/variants.py): atto's architecture at a fraction of its cost, for every test that

@@ -6,7 +6,6 @@ from models import create_fcmae
 from models.masking import random_mask, visible_map
 from tests.conftest import HAS_MINKOWSKI, TINY, randomize_grn
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = ["sparse", pytest.param("minkowski", marks=pytest.mark.skipif(
     not HAS_MINKOWSKI, reason="MinkowskiEngine not installed (tools/setup.sh builds it)"))]
 

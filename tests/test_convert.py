@@ -38,7 +38,6 @@ from fcmae.tools.convert import main  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # models.convert is pure (state dicts and containers in, state dicts out); these read a path first, as the CLIs do

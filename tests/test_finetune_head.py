@@ -8,8 +8,6 @@ from fcmae.runtime.errors import CheckpointError
 from finetune.model import create_classifier, init_from_pretrained
 from tests.conftest import TINY
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def classifier_state(num_classes=10, seed=0):
     """A fine-tuned classifier's timm state dict, its final norm far from (1, 0)."""

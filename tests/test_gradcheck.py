@@ -10,8 +10,6 @@ from models.backends.dwconv import CPUDepthwiseConv2d, _DepthwiseConv, _SiteDept
 from models.backends.sparse import SiteIndex, _GroupedGRN, visible_cells
 from models.grn import dense_norms, grn_apply
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # hundreds of tiny calls: extra threads only stall on a busy CPU
-
 
 @pytest.mark.parametrize("groups", [1, 3], ids=["batch", "sample"])  # one group for the batch, one per image
 def test_grouped_grn_gradcheck(groups):

@@ -13,7 +13,6 @@ from models.backends import make_backend
 from models.backends.minkowski import ChannelwiseConv, conv_kernel
 from tests.conftest import HAS_MINKOWSKI, TINY, randomize_grn
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 needs_me = pytest.mark.skipif(not HAS_MINKOWSKI, reason="MinkowskiEngine not installed (tools/setup.sh builds it)")
 
 

@@ -11,8 +11,6 @@ from models.masking import mask_grid, num_visible, random_mask
 from models.variants import get_variant
 from tests.conftest import TINY
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_encoder_has_exactly_timms_names_and_shapes(name):

@@ -13,8 +13,6 @@ from models.grn import Float32StatsGRN
 from models.masking import random_mask
 from tests.conftest import HAS_MINKOWSKI, TINY, TINY_PRETRAIN, randomize_grn
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_grn_norms_do_not_overflow_in_fp16():
     """A 128x128 map of 1000s: the channel norm is 128000 > fp16's 65504."""

@@ -7,8 +7,6 @@ from models import create_fcmae
 from models.masking import random_mask
 from tests.conftest import TINY
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 S = 64  # image side; make_grid puts 2 px of padding around every tile
 
 
