@@ -28,7 +28,7 @@ from fcmae.runtime.options import (
     parse_with_config,
     shown,
 )
-from models.variants import VARIANTS, get_variant
+from models.variants import USER_VARIANTS, get_variant
 
 from .layer_decay import LAYER_DECAY_TYPES
 
@@ -74,7 +74,7 @@ def build_parser() -> ArgParser:
     add_config_option(p)
     g = p.add_argument_group("model")
     add(g, "--model", kind=Str(optional=True), default=None,
-        help=f"one of: {', '.join(VARIANTS)}; default: the --finetune/--resume checkpoint's, else {DEFAULT_MODEL}")
+        help=f"one of: {', '.join(USER_VARIANTS)}; default: the --finetune/--resume checkpoint's, else {DEFAULT_MODEL}")
     add(g, "--finetune", kind=Str(optional=True), default=None,
         help="initialise from this checkpoint (FCMAE pretraining, ours, timm, reference or Hugging Face); "
              "the decoder is dropped and the classifier re-initialised unless --keep-head (a final norm is kept)")
@@ -182,7 +182,7 @@ def validate(args):
         if args.model is not None:
             args.model = get_variant(args.model).name
     except ValueError:
-        raise UsageError(f"unknown model {shown(args.model)}; valid models: {', '.join(VARIANTS)}") from None
+        raise UsageError(f"unknown model {shown(args.model)}; valid models: {', '.join(USER_VARIANTS)}") from None
     args.input_size = input_size(args.input_size)
     if args.train_subset is not None and args.label_fraction is not None:
         raise UsageError("give --train-subset or --label-fraction, not both")

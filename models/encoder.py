@@ -5,6 +5,7 @@ import timm
 import torch
 from torch import nn
 
+from . import test_variant  # noqa: F401  (timm can then build the test variant)
 from .backends import make_backend
 from .grn import check_grn_stats
 from .variants import get_variant

@@ -6,9 +6,6 @@ shapes we check checkpoints against, so no code ever sniffs defaults from a mode
 from dataclasses import dataclass
 from typing import Tuple
 
-from timm.models import PretrainedCfg, register_model
-from timm.models.convnext import ConvNeXt, _create_convnext
-
 
 @dataclass(frozen=True)
 class Variant:
@@ -31,23 +28,12 @@ VARIANTS = {
         Variant("convnextv2_huge", (3, 3, 27, 3), (352, 704, 1408, 2816)),
         # For the test suite only, in the manner of timm's test_convnext: atto's architecture (GRN, 4C MLP as 1x1
         # convs, no layer scale) at a fraction of its cost, for tests that do not need a real variant's shapes.
-        # Stage 2 keeps two blocks, so a stage still chains blocks.
+        # Stage 2 keeps two blocks, so a stage still chains blocks. timm builds it once models.test_variant is
+        # imported (models.encoder imports it: every model and checkpoint conversion goes through there).
         Variant("convnextv2_test", (1, 1, 2, 1), (24, 32, 48, 64), test_only=True),
     ]
 }
 USER_VARIANTS = [name for name, v in VARIANTS.items() if not v.test_only]
-
-# timm's settings for a model without released weights (none of its cfg fields is read by this project)
-_TEST_CFG = PretrainedCfg(architecture="convnextv2_test", first_conv="stem.0", classifier="head.fc")
-
-
-@register_model
-def convnextv2_test(pretrained=False, **kwargs) -> ConvNeXt:
-    """timm's entry point for the test variant, built exactly as timm builds convnextv2_atto."""
-    v = VARIANTS["convnextv2_test"]
-    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or _TEST_CFG  # timm warns when a model has none
-    model_args = dict(depths=v.depths, dims=v.dims, use_grn=True, ls_init_value=None, conv_mlp=True)
-    return _create_convnext(v.name, pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 def get_variant(name: str) -> Variant:

@@ -10,7 +10,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import models  # noqa: E402,F401  (importing models registers the tiny test variant with timm)
+import models.test_variant  # noqa: E402,F401  (timm can build the tiny test variant in every test module)
 
 HAS_MINKOWSKI = importlib.util.find_spec("MinkowskiEngine") is not None
 # The tiny test variant (models/variants.py): atto's architecture at a fraction of its cost, for every test that

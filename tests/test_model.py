@@ -53,6 +53,11 @@ def test_test_variant_is_atto_in_miniature():
     with pytest.raises(ValueError) as e:
         get_variant("convnextv2_giant")
     assert TINY not in str(e.value)
+    from fcmae.pretrain.options import build_parser as pretrain_parser
+    from finetune.options import build_parser as finetune_parser
+
+    for parser in (pretrain_parser(), finetune_parser()):
+        assert "convnextv2_atto" in parser.format_help() and TINY not in parser.format_help()
 
 
 def test_decoder_layout():

@@ -26,7 +26,7 @@ from fcmae.runtime.options import (
 )
 from models.backends import BACKENDS
 from models.choices import GRN_STATS
-from models.variants import VARIANTS, get_variant
+from models.variants import USER_VARIANTS, get_variant
 
 FORMAT = "fcmae-pretrain"
 EXAMPLES = """examples:
@@ -63,7 +63,7 @@ def build_parser() -> ArgParser:
                               "(defaults: the reference recipe of convnextv2_atto; -c NAME for the others).")
     add_config_option(p)
     g = p.add_argument_group("model")
-    add(g, "--model", kind=Str(), default="convnextv2_atto", help=f"one of: {', '.join(VARIANTS)}")
+    add(g, "--model", kind=Str(), default="convnextv2_atto", help=f"one of: {', '.join(USER_VARIANTS)}")
     add(g, "--backend", kind=Str(list(BACKENDS)), default="sparse",
         help="how the encoder skips masked patches: 'sparse' (fast), 'dense' (masked-dense oracle), 'minkowski' "
              "(MinkowskiEngine, optional build), 'naive' (ablation: mask once after the stem, dense convs leak)")
@@ -118,7 +118,7 @@ def validate(args):
     try:
         args.model = get_variant(args.model).name
     except ValueError:
-        raise UsageError(f"unknown model {shown(args.model)}; valid models: {', '.join(VARIANTS)}") from None
+        raise UsageError(f"unknown model {shown(args.model)}; valid models: {', '.join(USER_VARIANTS)}") from None
     try:
         args.input_size = input_size(args.input_size)
         grid = mask_grid(*args.input_size)
