@@ -20,6 +20,7 @@ from fcmae.runtime.errors import UsageError
 from fcmae.runtime.optim import cosine_schedule
 from finetune.cli import run as finetune_run
 from finetune.options import parse_args
+from tests.conftest import TINY_PRETRAIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MEAN_STD = ["--mean", "0.5", "0.5", "0.5", "0.5", "--std", "0.3", "0.3", "0.3", "0.3"]
@@ -42,9 +43,10 @@ def four_bands(tmp_path_factory):
     """(folder of 4-channel .npy images in train/ and val/ class folders, a 2-step 4-channel FCMAE checkpoint)."""
     root = tmp_path_factory.mktemp("four")
     npy_folders(root / "data", 4, np.uint8)
-    pretrain_main(["--in-chans", "4", "--data-path", str(root / "data" / "train"), "--input-size", "64",
-                   "--batch-size", "3", "--max-steps", "2", "--warmup-epochs", "0", "--num-workers", "0",
-                   "--knn-every-epochs", "0", "--output-dir", str(root / "pre")] + MEAN_STD)
+    pretrain_main(TINY_PRETRAIN + ["--in-chans", "4", "--data-path", str(root / "data" / "train"), "--input-size",
+                                   "64", "--batch-size", "3", "--max-steps", "2", "--warmup-epochs", "0",
+                                   "--num-workers", "0", "--knn-every-epochs", "0", "--output-dir", str(root / "pre")]
+                  + MEAN_STD)
     return root / "data", str(root / "pre" / "checkpoint-00000002.pth")
 
 
