@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from fcmae.runtime.checkpoint_file import read_checkpoint
 from fcmae.runtime.files import TMP_PREFIX
 from fcmae.runtime.cli import run_cli
 from fcmae.runtime.errors import EXIT_NONFINITE, EXIT_STOPPED, EXIT_USAGE, EXIT_WRITE_FAILED
+from finetune.cli import run as finetune_run
 from tests.conftest import TINY, TINY_PRETRAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +84,18 @@ def launch(cmd, expect=0):
     return res
 
 
+def here(cmd, capsys=None, expect=0):
+    """The command run in this process: a reference run or a resume needs no process of its own (a child costs
+    seconds of imports), only the run stopped by a signal or a full disk does. Returns its stdout and stderr
+    (what capsys captured since it was last read; empty without capsys), as `launch` does."""
+    main = {"fcmae.pretrain": pretrain_main, "finetune": finetune_run}[cmd[2]]  # [python, -m, module, *argv]
+    code = run_cli(main, cmd[3:])
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    assert code == expect, f"exit {code} (seed {SEED}):\n" + out[-2000:] + err[-3000:]
+    assert "Traceback" not in err, err
+    return SimpleNamespace(stdout=out, stderr=err)
+
+
 def error_lines(text):
     return [line for line in text.splitlines() if "error:" in line]
 
@@ -125,7 +139,7 @@ def uninterrupted(tmp_path_factory, data):
     runs = {}
     for kind in COMMANDS:
         out = tmp_path_factory.mktemp(f"{kind}_full")
-        launch(command(kind, out, data))
+        here(command(kind, out, data))
         runs[kind] = record(out)
         runs[kind + "_dir"] = out
     return runs
@@ -144,19 +158,19 @@ def tensorboard_scalars(out, tag):
 
 
 @pytest.mark.parametrize("kind", list(COMMANDS))
-def test_sigkill_at_two_random_steps_then_resume_is_exact(tmp_path, data, uninterrupted, kind):
+def test_sigkill_at_two_random_steps_then_resume_is_exact(tmp_path, data, uninterrupted, kind, capsys):
     rng = random.Random(f"{SEED}-{kind}")
     kill_steps = sorted(rng.sample(range(2, STEPS), 2))
     print(f"RELIABILITY_SEED={SEED}: {kind} killed at steps {kill_steps}")
     for k in kill_steps:
         out = tmp_path / f"killed_at_{k}"
-        what = f"{kind} killed at step {k}"
+        what = f"{kind} killed at step {k} (seed {SEED})"
         cmd = command(kind, out, data, "--save-every-steps", "1", "--keep-checkpoints", "2")
         proc = stop_at(cmd, k, signal.SIGKILL)
         assert proc.returncode == -signal.SIGKILL, proc.output[-2000:]
         saved = ckpt.latest_loadable(str(out))[1]["step"]
         assert 1 <= saved <= k, (what, saved)  # only the steps up to the last checkpoint remain
-        res = launch(cmd)  # the same command again: auto-resume
+        res = here(cmd, capsys)  # the same command again: auto-resume
         assert "resumed from" in res.stdout and f"at step {saved}" in res.stdout, what  # not a fresh start
         assert "changed settings" not in res.stderr, res.stderr  # the same command changes nothing
         assert_same_run(kind, out, uninterrupted, what)
@@ -171,7 +185,7 @@ SIGNAL_CASES = [("pretrain", signal.SIGTERM), ("finetune", signal.SIGINT), ("pre
 
 
 @pytest.mark.parametrize("kind,sig", SIGNAL_CASES, ids=[f"{k}-{s.name}" for k, s in SIGNAL_CASES])
-def test_stop_signals_save_and_exit_75(tmp_path, data, uninterrupted, kind, sig):
+def test_stop_signals_save_and_exit_75(tmp_path, data, uninterrupted, kind, sig, capsys):
     cmd = command(kind, tmp_path, data)  # no periodic checkpoints: the signal's checkpoint is the one we resume from
     proc = stop_at(cmd, 3, sig)
     assert proc.returncode == EXIT_STOPPED, proc.output[-3000:]
@@ -183,14 +197,14 @@ def test_stop_signals_save_and_exit_75(tmp_path, data, uninterrupted, kind, sig)
     assert 3 <= saved < STEPS
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["complete"] is False and metrics["steps"] == saved
-    res = launch(cmd)
+    res = here(cmd, capsys)
     assert f"at step {saved}" in res.stdout
     assert "changed settings" not in res.stderr, res.stderr  # the same command changes nothing
     assert_same_run(kind, tmp_path, uninterrupted, f"{kind} stopped by {sig.name}")
     assert json.loads((tmp_path / "metrics.json").read_text())["complete"] is True
     if sig == signal.SIGTERM:  # a finished run started again: exit 0, nothing changes
         before = sorted(os.listdir(tmp_path))
-        again = launch(cmd)
+        again = here(cmd, capsys)
         assert "nothing to do" in again.stdout and sorted(os.listdir(tmp_path)) == before
 
 
@@ -207,16 +221,16 @@ def test_finished_run_metrics_say_complete(uninterrupted):
         assert metrics["complete"] is True and metrics["steps"] == STEPS, kind
 
 
-def test_garbage_newest_checkpoints_are_set_aside(tmp_path, data, uninterrupted):
+def test_garbage_newest_checkpoints_are_set_aside(tmp_path, data, uninterrupted, capsys):
     """A truncated newest checkpoint and a garbage 'newer' one: both renamed *.unreadable, the run resumes from
     the newest good one, and neither takes a keep-k slot (keep 2 ends with the run's last two)."""
     cmd = command("pretrain", tmp_path, data, "--save-every-steps", "1", "--keep-checkpoints", "2")
-    launch(with_steps(cmd, 4))
+    here(with_steps(cmd, 4))
     newest = tmp_path / "checkpoint-00000004.pth"
     with open(newest, "r+b") as f:
         f.truncate(os.path.getsize(newest) // 2)
     (tmp_path / "checkpoint-00000099.pth").write_bytes(b"\x00garbage" * 100)
-    res = launch(cmd)
+    res = here(cmd, capsys)
     assert res.stderr.count("skipping unreadable checkpoint") == 2, res.stderr
     assert "checkpoint-00000004.pth" in res.stderr and "checkpoint-00000099.pth" in res.stderr
     assert "resumed from" in res.stdout and "checkpoint-00000003.pth at step 3" in res.stdout
