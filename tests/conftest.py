@@ -81,7 +81,7 @@ def pretrain_run(tmp_path_factory):
     from fcmae.pretrain.cli import main as pretrain
 
     out = tmp_path_factory.mktemp("pretrain")
-    pretrain(TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "8", "--max-steps", "2",
-              "--lr", "1e-3", "--warmup-epochs", "0", "--num-workers", "0", "--knn-every-epochs", "0",
-              "--output-dir", str(out)])
+    pretrain(TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "8", "--max-steps", "2", "--lr", "1e-3",
+                              "--warmup-epochs", "0", "--num-workers", "0", "--knn-every-epochs", "0",
+                              "--output-dir", str(out)])
     return out, str(out / "checkpoint-00000002.pth")

@@ -278,8 +278,9 @@ case("feature_diversity", ["--json", "/proc/fd.json"], "not writable")
 def files(tmp_path_factory):
     """Real inputs to get wrong: a pretraining checkpoint (the tiny test variant), garbage, folders of images."""
     root = tmp_path_factory.mktemp("inputs")
-    pretrain_main(TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "4", "--max-steps", "1", "--warmup-epochs",
-                                   "0", "--num-workers", "0", "--knn-every-epochs", "0", "--output-dir", str(root / "pre")])
+    pretrain_main(TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "4", "--max-steps", "1",
+                                   "--warmup-epochs", "0", "--num-workers", "0", "--knn-every-epochs", "0",
+                                   "--output-dir", str(root / "pre")])
     (root / "garbage.pth").write_bytes(b"not a checkpoint at all")
     (root / "a_file").write_text("")
     (root / "six").mkdir()

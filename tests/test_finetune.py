@@ -134,7 +134,8 @@ def test_image_folders_and_label_fraction(tmp_path):
             for i in range(n):
                 Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
     metrics = run(["--model", TINY, "--data-path", str(root), "--input-size", "32", "--batch-size", "6",
-                   "--num-workers", "0", "--label-fraction", "0.5", "--max-steps", "2", "--output-dir", str(tmp_path / "out")])
+                   "--num-workers", "0", "--label-fraction", "0.5", "--max-steps", "2",
+                   "--output-dir", str(tmp_path / "out")])
     assert metrics["steps"] == 2
     state = read_checkpoint(str(tmp_path / "out" / "checkpoint-00000002.pth"))
     assert state["classes"] == ["cat", "dog", "eel"] and state["model"]["head.fc.weight"].shape[0] == 3

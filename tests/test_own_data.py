@@ -52,9 +52,10 @@ def test_pretrain_convert_timm_finetune(tmp_path, c, kind, capsys):
     assert values["in-chans"] == c and len(values["mean"]) == len(values["std"]) == c
 
     out = tmp_path / "pre"
-    metrics = pretrain(TINY_PRETRAIN + ["-c", str(stats), "--data-path", str(data / "train"), "--input-size", "64", "--batch-size", "4",
-                        "--max-steps", "3", "--epochs", "1", "--warmup-epochs", "0", "--lr", "1e-3", "--num-workers",
-                        "0", "--knn-every-epochs", "0", "--output-dir", str(out)])
+    metrics = pretrain(TINY_PRETRAIN + ["-c", str(stats), "--data-path", str(data / "train"), "--input-size", "64",
+                                        "--batch-size", "4", "--max-steps", "3", "--epochs", "1", "--warmup-epochs",
+                                        "0", "--lr", "1e-3", "--num-workers", "0", "--knn-every-epochs", "0",
+                                        "--output-dir", str(out)])
     assert metrics["complete"] and metrics["steps"] == 3
     ckpt = out / "checkpoint-00000003.pth"
     state = read_checkpoint(ckpt)
@@ -99,8 +100,8 @@ def test_finetune_from_tar_shards(tmp_path):
         with pytest.raises(SystemExit) as e:
             make_shards([str(root / split), str(tmp_path / "shards" / split), "--prefix", split])
         assert e.value.code == 0
-    common = ["--model", TINY, "--input-size", "32", "--batch-size", "4", "--max-steps", "3", "--epochs", "1", "--aa", "none",
-              "--reprob", "0", "--num-workers", "0", "--no-model-ema", "--seed", "3"]
+    common = ["--model", TINY, "--input-size", "32", "--batch-size", "4", "--max-steps", "3", "--epochs", "1",
+              "--aa", "none", "--reprob", "0", "--num-workers", "0", "--no-model-ema", "--seed", "3"]
     from_shards = finetune(common + ["--data-path", str(tmp_path / "shards"), "--output-dir", str(tmp_path / "a")])
     from_folder = finetune(common + ["--data-path", str(root), "--output-dir", str(tmp_path / "b")])
     # the same samples in the same seeded order: the same run

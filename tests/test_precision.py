@@ -47,9 +47,9 @@ def test_autocast_forward_backward_close_to_float32(backend, amp):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_pretrain_and_finetune_steps_under_autocast(tmp_path, amp):
-    done = pretrain_main(TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "4", "--max-steps", "2", "--warmup-epochs", "0",
-                          "--num-workers", "0", "--amp", amp, "--knn-every-epochs", "0",
-                          "--output-dir", str(tmp_path / "pre")])
+    done = pretrain_main(TINY_PRETRAIN + ["--input-size", "64", "--batch-size", "4", "--max-steps", "2",
+                                          "--warmup-epochs", "0", "--num-workers", "0", "--amp", amp,
+                                          "--knn-every-epochs", "0", "--output-dir", str(tmp_path / "pre")])
     assert done["steps"] == 2 and math.isfinite(done["first_loss"]) and math.isfinite(done["last_loss"])
     result = finetune_run(["--model", TINY, "--input-size", "32", "--batch-size", "8",
                            "--train-subset", "16", "--val-subset", "16", "--epochs", "1", "--num-workers", "0",

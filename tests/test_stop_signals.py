@@ -24,8 +24,8 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_75(tmp
     for k in range(16):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{k:02d}.png")
     cmd = [sys.executable, "-m", "fcmae.pretrain", *TINY_PRETRAIN, "--input-size", "64", "--batch-size", "2",
-           "--epochs", "50", "--warmup-epochs", "0", "--num-workers", "2", "--log-every", "1", "--knn-every-epochs", "0",
-           "--device", "cpu", "--data-path", str(data), "--output-dir", str(tmp_path / "out")]
+           "--epochs", "50", "--warmup-epochs", "0", "--num-workers", "2", "--log-every", "1", "--knn-every-epochs",
+           "0", "--device", "cpu", "--data-path", str(data), "--output-dir", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = []
