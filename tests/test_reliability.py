@@ -89,6 +89,10 @@ def here(cmd, capsys=None, expect=0):
     seconds of imports), only the run stopped by a signal or a full disk does. Returns its stdout and stderr
     (what capsys captured since it was last read; empty without capsys), as `launch` does."""
     main = {"fcmae.pretrain": pretrain_main, "finetune": finetune_run}[cmd[2]]  # [python, -m, module, *argv]
+    # TensorBoard reads a folder's event files in name order (creation second, host, pid): a run started in the
+    # same second as the one before it, by this process with its lower pid, would sort first. A new process
+    # spends seconds on imports; here the next second is waited for.
+    time.sleep(1 - time.time() % 1)
     code = run_cli(main, cmd[3:])
     out, err = capsys.readouterr() if capsys is not None else ("", "")
     assert code == expect, f"exit {code} (seed {SEED}):\n" + out[-2000:] + err[-3000:]
