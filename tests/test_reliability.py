@@ -212,6 +212,27 @@ def test_stop_signals_save_and_exit_75(tmp_path, data, uninterrupted, kind, sig,
         assert "nothing to do" in again.stdout and sorted(os.listdir(tmp_path)) == before
 
 
+def test_a_signal_during_the_final_save_is_not_swallowed(tmp_path, data, monkeypatch, capsys):
+    """A stop signal that arrives after the last step (here: during the final save) finds the run complete; the run
+    keeps its outputs and still stops with 75, so a caller running stages in one process (the evidence study) or a
+    chained `pretrain && finetune` stops as asked. Found when the study went on after a SIGTERM between stages."""
+    from fcmae.runtime.loop import Loop
+
+    real_save = Loop.save
+
+    def save_and_signal(self, path=None):
+        if self.step == STEPS:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the run's StopRequest at the next bytecode
+        return real_save(self, path)
+
+    monkeypatch.setattr(Loop, "save", save_and_signal)
+    out = here(command("pretrain", tmp_path, data), capsys, expect=EXIT_STOPPED)
+    assert "received SIGTERM after the last step: the run is complete" in out.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["complete"] is True
+    assert ckpt.latest_loadable(str(tmp_path))[1]["step"] == STEPS
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the process's again
+
+
 def test_shards_give_the_folder_run(uninterrupted):
     """Tar shards of the same photos: the same samples in the same seeded order, so the same losses and weights."""
     assert uninterrupted["pretrain_shards"][0] == uninterrupted["pretrain"][0]

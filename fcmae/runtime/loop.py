@@ -191,6 +191,9 @@ class Loop:
         if not complete:
             raise RunStopped(f"received {stop.signal or 'a stop signal (on another rank)'}: checkpoint saved at step "
                              f"{self.step} of {total}; run the same command again to resume", EXIT_STOPPED)
+        if stop.signal:  # came during the last step or the final save: the run is done, and the caller asked to stop
+            raise RunStopped(f"received {stop.signal} after the last step: the run is complete ({total} steps, "
+                             "metrics.json written); stopping as asked", EXIT_STOPPED)
         log.info("done: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}))
         return metrics
 
