@@ -205,7 +205,7 @@ def finished(out: str) -> Optional[dict]:
 
 def write_json(path: str, obj):
     """Atomic: an interrupted write leaves the previous file."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # several processes of a study may write the same file
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)

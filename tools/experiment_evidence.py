@@ -18,7 +18,13 @@ evaluations in evaluations.json, per-image diversity arrays as .npy) and its wal
 stages.json, so an interrupted study continues where it stopped; after every stage results.json (one row per
 measured value) and results.md (tools/experiment_report.py) are rewritten in --out. A stage that fails is logged
 and listed in results.json, and the study goes on with the next group; rerun to retry it.
+
+Several processes may run the study in one WORK_DIR at once (one per spare core): each stage is claimed with a lock
+file that dies with its process, a process skips a stage another holds and goes on with the next, and stages.json
+and evaluations.json are merged under a lock. The last process to finish writes the complete results.
 """
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +32,7 @@ import re
 import resource
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -151,6 +158,27 @@ def restore_logging():
     setup_logging(None)
 
 
+def read_json(path: str) -> dict:
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+@contextmanager
+def file_lock(path: str):
+    """One writer at a time across the study's processes."""
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def merge_json(path: str, key: str, value) -> dict:
+    """path's dict as it is on disk now (other processes' entries kept) with key set; written atomically."""
+    with file_lock(path):
+        got = read_json(path)
+        got[key] = value
+        E.write_json(path, got)
+    return got
+
+
 def cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -164,9 +192,9 @@ class Runner:
         self.work, self.study, self.workers = work, study, workers
         self.on_stage_done = on_stage_done or (lambda: None)
         self.stats_path, self.eval_path = os.path.join(work, "stages.json"), os.path.join(work, "evaluations.json")
-        self.stats = json.load(open(self.stats_path)) if os.path.exists(self.stats_path) else {}
-        self.evals = json.load(open(self.eval_path)) if os.path.exists(self.eval_path) else {}
+        self.stats, self.evals = read_json(self.stats_path), read_json(self.eval_path)
         self.planned, self.done, self.failures = set(), set(), []
+        self.skipped = 0  # stages another process held in this pass
         self._data = None
 
     @property
@@ -179,24 +207,44 @@ class Runner:
         t0, c0 = time.time(), cpu_seconds()
         log.info("stage %s: starting", name)
         result = fn()
-        self.stats[name] = {"kind": kind, "wall_seconds": time.time() - t0, "cpu_seconds": cpu_seconds() - c0,
-                            "load_avg_1m": os.getloadavg()[0], "threads": torch.get_num_threads(),
-                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        E.write_json(self.stats_path, self.stats)
+        self.stats = merge_json(self.stats_path, name, {
+            "kind": kind, "wall_seconds": time.time() - t0, "cpu_seconds": cpu_seconds() - c0,
+            "load_avg_1m": os.getloadavg()[0], "threads": torch.get_num_threads(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         return result
+
+    def claim(self, name: str):
+        """An open file holding this stage's lock, or None when another process of the study is running it."""
+        folder = os.path.join(self.work, ".locks")
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, hashlib.sha1(name.encode()).hexdigest()[:16]), "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            log.info("stage %s: running in another process; skipped here", name)
+            self.skipped += 1
+            return None
+        return f
 
     def cli_stage(self, name: str, kind: str, main: Callable, argv: List[str], run: bool) -> Optional[dict]:
         self.planned.add(name)
         out = os.path.join(self.work, name)
         done = E.finished(out)
         if done is None and run:
-            self._timed(name, kind, lambda: main(argv + ["--output-dir", out]))
-            restore_logging()
-            done = E.finished(out)
-            if done is None:
-                raise RuntimeError(f"stage {name} returned without a complete metrics.json in {out}")
+            lock = self.claim(name)
+            if lock is None:
+                return None
+            with lock:
+                done = E.finished(out)  # finished by another process since the first look
+                if done is None:
+                    self._timed(name, kind, lambda: main(argv + ["--output-dir", out]))
+                    restore_logging()
+                    done = E.finished(out)
+                    if done is None:
+                        raise RuntimeError(f"stage {name} returned without a complete metrics.json in {out}")
+                    self.on_stage_done()
             self.done.add(name)
-            self.on_stage_done()
         elif done is not None:
             self.done.add(name)
         return done
@@ -204,11 +252,16 @@ class Runner:
     def cached(self, key: str, kind: str, fn: Callable[[], dict], run: bool) -> Optional[dict]:
         self.planned.add(key)
         if key not in self.evals and run:
-            self.evals[key] = self._timed(key, kind, fn)
-            E.write_json(self.eval_path, self.evals)
-            restore_logging()
+            lock = self.claim(key)
+            if lock is None:
+                return None
+            with lock:
+                self.evals = read_json(self.eval_path)  # another process may have added it since
+                if key not in self.evals:
+                    self.evals = merge_json(self.eval_path, key, self._timed(key, kind, fn))
+                    restore_logging()
+                    self.on_stage_done()
             self.done.add(key)
-            self.on_stage_done()
         elif key in self.evals:
             self.done.add(key)
         return self.evals.get(key)
@@ -448,6 +501,13 @@ def scratch(r: Runner, run: bool) -> List[dict]:
             if len(accs) == len(s.scratch_grid_seeds):
                 cells[(lr, epochs)] = sum(accs) / len(accs)
     order = [(lr, ep) for lr in s.scratch_lrs for ep in s.scratch_epochs]
+    for lr, epochs in set(order) - set(cells):  # cells other processes finished while this one ran the rest
+        got = [finetune(r, "scratch", 0, None, seed, None, lr, epochs, False, read_test=False,
+                        metric="grid_finetune_top1") for seed in s.scratch_grid_seeds]
+        if all(got):
+            rows += [x for g in got for x in g]
+            accs = [x["value"] for g in got for x in g if x["metric"] == "grid_finetune_top1"]
+            cells[(lr, epochs)] = sum(accs) / len(accs)
     if len(cells) < len(order):
         return rows
     lr, epochs = max(order, key=lambda c: (cells[c], -order.index(c)))
@@ -700,9 +760,10 @@ def write(out: str, res: dict):
 
     os.makedirs(out, exist_ok=True)
     E.write_json(os.path.join(out, "results.json"), res)
-    with open(os.path.join(out, "results.md.tmp"), "w") as f:
+    tmp = os.path.join(out, f"results.md.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
         f.write(render(res))
-    os.replace(os.path.join(out, "results.md.tmp"), os.path.join(out, "results.md"))
+    os.replace(tmp, os.path.join(out, "results.md"))
 
 
 def main(budget: str, work: str, out: str, workers: int, run: bool = True) -> dict:
@@ -718,7 +779,13 @@ def main(budget: str, work: str, out: str, workers: int, run: bool = True) -> di
         write(out, results(looker, budget, rows))
 
     runner = Runner(work, study, workers, on_stage_done=report)
-    rows = study_rows(runner, run)
+    while True:  # again while other processes held stages: what they finish may open stages that depend on it
+        runner.skipped, runner.failures = 0, []
+        study_rows(runner, run)
+        if not run or not runner.skipped:
+            break
+        log.info("%d stages were running in other processes; looking again in 2 minutes", runner.skipped)
+        time.sleep(120)
     final = Runner(work, study, workers)  # the complete picture: planned stages, cached values
     final._data = runner._data
     rows = study_rows(final, run=False)
