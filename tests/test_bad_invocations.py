@@ -14,8 +14,6 @@ import sys
 import time
 
 import pytest
-import torch
-import yaml
 from PIL import Image
 
 from fcmae.pretrain.cli import main as pretrain_main

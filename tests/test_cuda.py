@@ -3,7 +3,6 @@ not rot): backend agreement on the device in float32 and under bf16 autocast, fp
 host synchronisation inside a sparse pretraining step, a DDP step in one process (NCCL on a GPU), and
 --augment-on-device's decoding on the device against the CPU's (nvJPEG against libjpeg-turbo: the difference is
 recorded in the check's results)."""
-import numpy as np
 import pytest
 import torch
 from PIL import Image

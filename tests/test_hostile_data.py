@@ -23,7 +23,6 @@ import pytest
 from PIL import Image
 
 from fcmae.data import decode as decode_module
-from fcmae.data import shards as shards_module
 from fcmae.data.bad_samples import BadImageMonitor
 from fcmae.data.decode import decode
 from fcmae.data.folders import ImageFiles

@@ -1,6 +1,5 @@
 """Unit tests of the shared training loop's pieces (fcmae/runtime): the bounded loss history, the stop-signal
 handler, where a run starts (find_start's --resume/--overwrite rules) and the settings a resume must share."""
-import logging
 import os
 import random
 import signal
