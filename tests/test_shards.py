@@ -1,4 +1,4 @@
-"""WebDataset tar shards (fcmae/data/shards.py, fcmae/tools/make_shards.py): shards of a folder read back as the folder does
+"""WebDataset tar shards (fcmae/data/shard_index.py, fcmae/data/shards.py, fcmae/tools/make_shards.py): shards of a folder read back as the folder does
 (images, labels, seeded order), bad members skipped and named by shard and key, the index cache reused and
 rebuilt, brace patterns, and the tool's errors."""
 import io
@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fcmae.data import shards as shards_module
+from fcmae.data import shard_index
 from fcmae.data.bad_samples import BadImageMonitor
 from fcmae.data.folders import ImageFiles
 from fcmae.data.sampling import EpochSampler, SeededDataset, make_loader
-from fcmae.data.shards import TarShards, expand_braces, is_shards, load_index, open_dataset, shard_paths, split_name
+from fcmae.data.shard_index import expand_braces, is_shards, load_index, shard_paths, split_name
+from fcmae.data.shards import TarShards, open_dataset
 from fcmae.data.transforms import pretrain_transform
 from fcmae.pretrain.data import MaskedImages
 from fcmae.runtime.errors import DataError, UsageError
@@ -125,8 +126,8 @@ def test_index_cache_reused_then_rebuilt_when_the_shard_changes(folder, tmp_path
     shard = result["shards"][0]
     assert os.path.isfile(shard + ".idx.json")  # written by make_shards
     scans = []
-    real_scan = shards_module.scan_shard
-    monkeypatch.setattr(shards_module, "scan_shard", lambda path: scans.append(path) or real_scan(path))
+    real_scan = shard_index.scan_shard
+    monkeypatch.setattr(shard_index, "scan_shard", lambda path: scans.append(path) or real_scan(path))
     first = TarShards(shard)
     assert scans == [] and len(first) == 13  # the cached index
     with tarfile.open(shard, "a") as tar:  # the shard changes: one more sample
@@ -148,15 +149,15 @@ def test_index_cache_falls_back_to_the_cache_dir(folder, tmp_path, monkeypatch):
     shard = result["shards"][0]
     os.remove(shard + ".idx.json")
     monkeypatch.setenv("FCMAE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(shards_module, "index_path", lambda s: str(tmp_path / "no-such-dir" / "x" / "i.json"))
-    real_write = shards_module._write_json
+    monkeypatch.setattr(shard_index, "index_path", lambda s: str(tmp_path / "no-such-dir" / "x" / "i.json"))
+    real_write = shard_index._write_json
 
     def write(path, obj):
         if "no-such-dir" in path:
             raise PermissionError("read-only")
         real_write(path, obj)
 
-    monkeypatch.setattr(shards_module, "_write_json", write)
+    monkeypatch.setattr(shard_index, "_write_json", write)
     assert len(load_index(shard)["samples"]["key"]) == 13
     assert len(os.listdir(tmp_path / "cache")) == 1
 

@@ -354,7 +354,7 @@ def run(argv=None):
         args.input_size = parse_input_size(args.input_size)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    from fcmae.data.shards import is_shards
+    from fcmae.data.shard_index import is_shards
 
     baseline_data = args.baseline_data or args.data
     if is_shards(baseline_data):

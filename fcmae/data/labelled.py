@@ -81,7 +81,7 @@ def _folder_pair(data_path: str, train_tf, val_tf, val_from_train: bool = False,
     """`data_path/train` defines the classes; `data_path/val` must use a subset of them. `options`: image_folder's
     decoding and bad-file settings. Both may instead be folders of tar shards. val_from_train: the second set is
     train/ again (for --val-split to carve from), and val/ is not read."""
-    from .shards import is_shards
+    from .shard_index import is_shards
 
     val_dir = os.path.join(data_path, "train" if val_from_train else "val")
     if is_shards(os.path.join(data_path, "train")):

@@ -34,7 +34,8 @@ import time
 
 from fcmae.data.decode import IMAGE_EXTENSIONS, open_file
 from fcmae.data.folders import find_images
-from fcmae.data.shards import CLASSES_FILE, load_index, read_class_names
+from fcmae.data.shard_index import load_index
+from fcmae.data.shards import CLASSES_FILE, read_class_names
 from fcmae.runtime.cli import run_cli
 from fcmae.runtime.errors import EXIT_WRITE_FAILED, DataError, RunStopped, UsageError
 from fcmae.runtime.files import write_text
