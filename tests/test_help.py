@@ -49,6 +49,13 @@ def test_version(module):
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", package_version())
 
 
+@pytest.fixture(autouse=True)
+def terminal_width(monkeypatch):
+    """argparse wraps to the terminal's width (COLUMNS, else 80 without a terminal, as under pytest-xdist): the
+    checks below are for a usual 100-column terminal."""
+    monkeypatch.setenv("COLUMNS", "100")
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_help_content(stage):
     text = STAGES[stage]().format_help()
