@@ -54,6 +54,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def write_small_folders(root):
+    """root/six: six unlabelled 40x40 photos; root/pets/{train,val}/{cat,dog}: four labelled ones per class and split
+    (the inputs of the command-line refusal tables)."""
+    from PIL import Image
+
+    (root / "six").mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(root / "six" / f"{i}.png")
+    for split in ("train", "val"):
+        for c, level in (("cat", 30), ("dog", 220)):
+            (root / "pets" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), (level, level - i, 0)).save(root / "pets" / split / c / f"{i}.png")
+
+
 def randomize_grn(model, std=0.5, seed=0):
     """GRN gamma/beta start at zero, which would hide GRN bugs: give them random non-zero values."""
     g = torch.Generator().manual_seed(seed)

@@ -14,14 +14,13 @@ import sys
 import time
 
 import pytest
-from PIL import Image
 
 from fcmae.pretrain.cli import main as pretrain_main
 from fcmae.runtime.cli import run_cli
 from finetune.cli import run as finetune_run
 from fcmae.tools import convert, data_stats, knn_eval, make_shards, visualize
 from tools import bench_memory, benchmark, feature_diversity
-from tests.conftest import TINY_PRETRAIN
+from tests.conftest import TINY_PRETRAIN, write_small_folders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -281,14 +280,7 @@ def files(tmp_path_factory):
                                    "--output-dir", str(root / "pre")])
     (root / "garbage.pth").write_bytes(b"not a checkpoint at all")
     (root / "a_file").write_text("")
-    (root / "six").mkdir()
-    for i in range(6):
-        Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(root / "six" / f"{i}.png")
-    for split in ("train", "val"):
-        for c, level in (("cat", 30), ("dog", 220)):
-            (root / "pets" / split / c).mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (40, 40), (level, level - i, 0)).save(root / "pets" / split / c / f"{i}.png")
+    write_small_folders(root)
     return {"ckpt": str(root / "pre" / "checkpoint-00000001.pth"), "garbage": str(root / "garbage.pth"),
             "file": str(root / "a_file"), "six": str(root / "six"), "pets": str(root / "pets"), "root": str(root)}
 

@@ -13,9 +13,9 @@ import time
 
 import pytest
 import yaml
-from PIL import Image
 
 from test_bad_invocations import BASE, CLIS, ROOT, _code, check_clean
+from tests.conftest import write_small_folders
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,14 +92,7 @@ row("data_stats", b"max-images: 'lots'\n", [], "--max-images", "integer")
 def folders(tmp_path_factory):
     """The base arguments' inputs (no checkpoint: these rows never get that far)."""
     root = tmp_path_factory.mktemp("inputs")
-    (root / "six").mkdir()
-    for i in range(6):
-        Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(root / "six" / f"{i}.png")
-    for split in ("train", "val"):
-        for c, level in (("cat", 30), ("dog", 220)):
-            (root / "pets" / split / c).mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (40, 40), (level, level - i, 0)).save(root / "pets" / split / c / f"{i}.png")
+    write_small_folders(root)
     (root / "pre.pth").write_bytes(b"")  # knn_eval's positional; never read by these rows
     return {"six": str(root / "six"), "pets": str(root / "pets"), "ckpt": str(root / "pre.pth"), "root": str(root)}
 
