@@ -95,3 +95,10 @@ def test_the_checker_finds_broken_links_and_anchors(tmp_path, monkeypatch):
         "`[code](docs/missing_in_code.md)`\n\n```\n[fenced](docs/missing_in_fence.md)\n```\n\n# Top\n")
     assert broken_links(page) == ["docs/missing.md: no such file", "docs/none.png: no such file",
                                   "docs/target.md#nowhere: no heading with anchor #nowhere"]
+
+
+def test_every_test_file_is_named_in_the_maintainers_guide():
+    """docs/maintainers.md sorts the test files by area: a new one is placed there too."""
+    guide = (ROOT / "docs" / "maintainers.md").read_text(encoding="utf-8")
+    unnamed = sorted(p.name for p in (ROOT / "tests").glob("test_*.py") if f"`{p.name}`" not in guide)
+    assert unnamed == []
