@@ -54,7 +54,7 @@ def __getattr__(name):
     rules = StartRules(
         format=FORMAT, what="a fine-tuning checkpoint (start from it with --finetune instead)",
         fixed=("model", "in_chans", "nb_classes", "encoder_grn"),  # they shape the model
-        run_only=RUN_ONLY | {"eval", "finetune", "eval_every_epochs"})
+        run_only=RUN_ONLY | {"eval", "finetune", "eval_every_epochs"}, defaults=build_parser().defaults())
     globals()["START_RULES"] = rules
     return rules
 

@@ -235,3 +235,18 @@ def test_same_settings_others_warn():
     assert "batch_size 4 -> 8" in message and "mask_ratio 0.6 -> 0.75" in message
     # a setting the saved run did not record (an older checkpoint) is not an error for the fixed ones
     same_settings({"model": "convnextv2_atto"}, {"model": "convnextv2_atto", "in_chans": 3})
+
+
+def test_an_option_added_since_the_checkpoint_changes_nothing_at_its_default():
+    """An old checkpoint does not record an option added later (e.g. --augment-on-device): at its default it keeps
+    the old behaviour and is not named; given another value, it is."""
+    from fcmae.pretrain.options import START_RULES
+
+    saved = {"model": "convnextv2_atto", "in_chans": 3, "batch_size": 4}
+    now = dict(saved, augment_on_device=False)
+    assert START_RULES.defaults["augment_on_device"] is False
+    assert check_same_settings(Start("ck.pth", {"args": saved}), now, START_RULES).warning is None
+    message = check_same_settings(Start("ck.pth", {"args": saved}), dict(now, augment_on_device=True),
+                                  START_RULES).warning
+    assert "augment_on_device None -> True" in message
+    assert START_RULES.defaults["epochs"] == 800  # the stage's own set_defaults

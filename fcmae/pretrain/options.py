@@ -52,7 +52,8 @@ def __getattr__(name):
         what="an FCMAE pretraining checkpoint (to start from pretrained weights, fine-tune it: python -m finetune "
              "--finetune ...)",
         fixed=("model", "in_chans", "decoder_dim", "decoder_depth", "encoder_grn"),  # they shape the model
-        run_only=RUN_ONLY | {"vis_every_epochs", "knn_every_epochs", "knn_data", "knn_bank", "knn_queries", "knn_k"})
+        run_only=RUN_ONLY | {"vis_every_epochs", "knn_every_epochs", "knn_data", "knn_bank", "knn_queries", "knn_k"},
+        defaults=build_parser().defaults())
     globals()["START_RULES"] = rules
     return rules
 

@@ -338,6 +338,10 @@ class ArgParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see --help)")  # one line, no usage dump
 
+    def defaults(self) -> dict:
+        """Each option's value when it is not given (the stage's set_defaults included)."""
+        return {a.dest: self.get_default(a.dest) for a in self._actions if a.dest not in ("help", "version")}
+
 
 def answer_help(build_parser: Callable[[], argparse.ArgumentParser], argv=None):
     """--help / --version answered from the light options module, before a stage imports torch and timm

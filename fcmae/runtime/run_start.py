@@ -4,8 +4,8 @@ folder opened for the run (logging, --overwrite's clean-up)."""
 import logging
 import os
 import shutil
-from dataclasses import dataclass, replace
-from typing import FrozenSet, Optional, Tuple
+from dataclasses import dataclass, field, replace
+from typing import FrozenSet, Mapping, Optional, Tuple
 
 from . import checkpoints as ckpt
 from .checkpoint_file import read_checkpoint
@@ -20,11 +20,14 @@ log = logging.getLogger("fcmae")
 class StartRules:
     """A stage's rules for resuming: its checkpoint `format` tag, how an error names such a checkpoint (`what`),
     the settings a resumed run must share (`fixed`: they shape the model) and those free to change (`run_only`:
-    how or how far to run, not what is computed); any other changed setting is named in a warning."""
+    how or how far to run, not what is computed); any other changed setting is named in a warning. `defaults`:
+    each option's value when not given; an option a checkpoint does not record (added since it was saved) changes
+    nothing at its default, which keeps the behaviour the checkpoint's code had."""
     format: str
     what: str
     fixed: Tuple[str, ...]
     run_only: FrozenSet[str]
+    defaults: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ def check_same_settings(start: Start, now: dict, rules: StartRules) -> Start:
                          for k in wrong) + " but this run has " + ", ".join(f"{_show(now.get(k))}" for k in wrong)
                          + "; pass the same values to resume it (or a new --output-dir)")
     changed = sorted(k for k in (set(saved) | set(now)) - rules.run_only - set(rules.fixed)
-                     if saved.get(k) != now.get(k))
+                     if saved.get(k) != now.get(k) and not (k not in saved and k in rules.defaults
+                                                            and now.get(k) == rules.defaults[k]))
     if not changed:
         return start
     return replace(start, warning="resuming with changed settings (the run will not match an uninterrupted one): "
