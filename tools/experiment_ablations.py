@@ -57,6 +57,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from fcmae.runtime.files import atomic_write
+
 log = logging.getLogger("fcmae")
 MODEL = "convnextv2_atto"
 IN_CHANS = 1  # Fashion-MNIST is grey: no replication to RGB
@@ -204,11 +206,9 @@ def finished(out: str) -> Optional[dict]:
 
 
 def write_json(path: str, obj):
-    """Atomic: an interrupted write leaves the previous file."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # several processes of a study may write the same file
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    """Atomic (a unique temporary file, renamed): an interrupted write, or another process of a study writing the
+    same file, leaves a whole file."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), binary=False)
 
 
 class Timings:

@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from fcmae.runtime.files import write_text
 from tools import experiment_ablations as E
 
 log = logging.getLogger("fcmae")
@@ -760,10 +761,7 @@ def write(out: str, res: dict):
 
     os.makedirs(out, exist_ok=True)
     E.write_json(os.path.join(out, "results.json"), res)
-    tmp = os.path.join(out, f"results.md.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(render(res))
-    os.replace(tmp, os.path.join(out, "results.md"))
+    write_text(os.path.join(out, "results.md"), render(res))
 
 
 def main(budget: str, work: str, out: str, workers: int, run: bool = True) -> dict:
