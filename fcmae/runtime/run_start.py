@@ -89,9 +89,9 @@ def check_same_settings(start: Start, now: dict, rules: StartRules) -> Start:
         raise UsageError(f"{start.path} was trained with " + ", ".join(f"--{k.replace('_', '-')} {_show(saved.get(k))}"
                          for k in wrong) + " but this run has " + ", ".join(f"{_show(now.get(k))}" for k in wrong)
                          + "; pass the same values to resume it (or a new --output-dir)")
+    recorded = {**rules.defaults, **saved}  # an option the checkpoint predates ran as its default does
     changed = sorted(k for k in (set(saved) | set(now)) - rules.run_only - set(rules.fixed)
-                     if saved.get(k) != now.get(k) and not (k not in saved and k in rules.defaults
-                                                            and now.get(k) == rules.defaults[k]))
+                     if recorded.get(k) != now.get(k))
     if not changed:
         return start
     return replace(start, warning="resuming with changed settings (the run will not match an uninterrupted one): "
