@@ -8,9 +8,7 @@ extension ends in an image extension (fcmae.data.decode.IMAGE_EXTENSIONS, .npy i
 decoders too go by the last part), its label the text of its optional `.cls` member. Further image members of a
 sample are not read: a warning counts them per shard (two files `v1.2.shot0.png`, `v1.2.shot1.png` are one
 sample to WebDataset; make_shards replaces such dots). Other members are ignored, as are keys without an image.
-Member names need not be UTF-8 (kept as bytes, printed escaped). Class names come from a `classes.json` (a list
-of names in label order, as make_shards writes it) next to the first shard when its length fits, else they are
-"0", "1", ...
+Member names need not be UTF-8 (kept as bytes, printed escaped).
 
 Index: each shard's samples as columns key/ext/offset/size/cls (the `.cls` text, at most CLS_CHARS characters;
 null without one) plus its damage, found by reading the tar headers once (tarfile, seeking over the data) and

@@ -8,7 +8,9 @@ Labels are read but never trusted: a `.cls` must hold an integer 0 <= label < MA
 target is BAD_LABEL; without one NO_LABEL). Pretraining ignores targets, so a bad label cannot stop it or make
 it allocate a class list of 10**9 names; fine-tuning refuses bad, missing and out-of-classes.json labels
 (`check_labels`, one line naming shard:member and what it holds) rather than skip them: a label is what the head
-learns, and silently dropping or renumbering classes would train a different task.
+learns, and silently dropping or renumbering classes would train a different task. Class names come from a
+`classes.json` (a list of names in label order, as make_shards writes it) next to the first shard when its length
+fits, else they are "0", "1", ...
 
 Damaged shards go through the bad-sample rules (fcmae.data.bad_samples), as damaged files do: a member whose
 data is cut short fails when read; a shard that ends inside a member header, at a member boundary without tar's
